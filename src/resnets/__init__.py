@@ -1,0 +1,19 @@
+"""resnets: the residual-network family in PyTorch."""
+
+from .complexity import count_params_macs
+from .models import NetSpec, ResNet
+from .registry import Entry, Paper, UnknownModelError, create_model, get_entry, list_models
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Entry",
+    "NetSpec",
+    "Paper",
+    "ResNet",
+    "UnknownModelError",
+    "count_params_macs",
+    "create_model",
+    "get_entry",
+    "list_models",
+]

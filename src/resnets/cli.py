@@ -1,0 +1,163 @@
+"""`resnets <command>`: one parser function and one command function per command.
+
+A user mistake prints one line starting with `error:` on stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .registry import UnknownModelError, get_entry, list_models
+
+
+class UserError(Exception):
+    """A mistake of the user's: reported as one `error:` line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+# --- list -------------------------------------------------------------------------------------
+
+
+def add_list_parser(sub) -> None:
+    p = sub.add_parser("list", help="registered models with their counts and the paper's")
+    p.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern, e.g. 'resnet*'")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(func=cmd_list)
+
+
+def model_rows(pattern: str) -> list[dict]:
+    from .complexity import count_params_macs
+
+    rows = []
+    for name in list_models(pattern):
+        e = get_entry(name)
+        params, macs = count_params_macs(name)
+        rows.append(
+            {
+                "name": name,
+                "family": e.family,
+                "input_size": e.input_size,
+                "num_classes": e.spec.num_classes,
+                "params": params,
+                "gmacs": round(macs / 1e9, 4),
+                "paper_params_m": e.paper.params_m,
+                "paper_gmacs": e.paper.gmacs,
+                "source": e.paper.source,
+                "note": e.paper.note,
+            }
+        )
+    return rows
+
+
+def cmd_list(args) -> int:
+    if not any(c in args.pattern for c in "*?["):
+        get_entry(args.pattern)  # an exact name: unknown names get suggestions
+    rows = model_rows(args.pattern)
+    if not rows:
+        raise UserError(f"no model matches {args.pattern!r}; `resnets list` shows them all")
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    table = [
+        [
+            r["name"],
+            r["family"],
+            r["input_size"],
+            f"{r['params'] / 1e6:.2f}",
+            f"{r['gmacs']:.3f}",
+            _fmt(r["paper_params_m"]),
+            _fmt(r["paper_gmacs"]),
+            r["source"][:48],
+            r["note"][:60],
+        ]
+        for r in rows
+    ]
+    header = ["name", "family", "input", "params_m", "gmacs", "paper_params_m", "paper_gmacs", "source", "note"]
+    print(_table(table, header))
+    return 0
+
+
+# --- info -------------------------------------------------------------------------------------
+
+
+def add_info_parser(sub) -> None:
+    p = sub.add_parser("info", help="per-stage output shape, parameters and multiply-adds of one model")
+    p.add_argument("name")
+    p.add_argument("--input-size", type=int, default=None, help="square input size (default: the paper's)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args) -> int:
+    from .complexity import stage_table
+
+    entry = get_entry(args.name)
+    size = args.input_size or entry.input_size
+    if size < 1:
+        raise UserError(f"--input-size must be positive, got {size}")
+    try:
+        rows = stage_table(args.name, size)
+    except RuntimeError as exc:  # e.g. an input too small for the network's strides
+        raise UserError(f"{args.name} cannot run on {size}x{size} input: {str(exc).splitlines()[0]}") from None
+    total = {"params": sum(r["params"] for r in rows), "macs": sum(r["macs"] for r in rows)}
+    if args.json:
+        out = {"name": args.name, "family": entry.family, "input_size": size, "stages": rows, "total": total}
+        print(json.dumps(out, indent=1))
+        return 0
+    print(f"{args.name} ({entry.family}) at {size}x{size}, {entry.paper.cite}")
+    table = [
+        [r["part"], "x".join(map(str, r["output_shape"])), f"{r['params']:,}", f"{r['macs'] / 1e9:.4f}"]
+        for r in rows
+    ]
+    table.append(["total", "", f"{total['params']:,}", f"{total['macs'] / 1e9:.4f}"])
+    print(_table(table, ["part", "output (CxHxW)", "params", "gmacs"]))
+    if entry.paper.note:
+        print(f"note: {entry.paper.note}")
+    return 0
+
+
+# --- main -------------------------------------------------------------------------------------
+
+PARSERS = [add_list_parser, add_info_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="resnets", description="The residual-network family: models, training, analysis.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in PARSERS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except (UserError, UnknownModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

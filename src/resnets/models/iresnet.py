@@ -1,0 +1,151 @@
+"""iResNet (Duta et al. 2020): position-aware start / middle / end blocks and max-pool projections.
+
+Every stage is a start block, middle blocks and an end block:
+
+- start: [conv-BN-ReLU ...] conv-BN, add projection shortcut, no ReLU after the add;
+- middle: BN-ReLU-conv ... conv (pre-activation), add identity;
+- end: as middle, then BN-ReLU after the add, so the main path is normalised once per stage.
+
+The stem is conv-BN-ReLU without max-pool; all four stages have stride 2, and the shortcut of a
+start block is 3x3/2 max-pool -> 1x1 conv -> BN (only the max-pool when the channels already
+match, only 1x1 conv -> BN when only the channels change).
+
+Choices the paper leaves open, taken from the official code (iduta/iresnet) so its weights load:
+
+- The block right after the start block has no leading BN (ReLU only), also when it is the end
+  block of a two-block stage.
+- That block applies an *in-place* ReLU to its input, which its shortcut also holds, so its
+  shortcut carries ReLU(x), not x as in the paper's figure. `official_quirks=True` (default)
+  reproduces this; `official_quirks=False` gives the paper-figure variant (shortcut = x).
+- Max-pool padding is 1 (padded with -inf, as nn.MaxPool2d).
+- A stage must have at least two blocks (start and end).
+- `zero_init_last` zeroes the start block's last BN and the middle / end blocks' last conv (the
+  end block's last BN acts after the add, so zeroing it would cut the main path).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..registry import IRESNET, Paper, register
+from .layers import DropPath, conv1x1, conv3x3, make_shortcut
+from .net import NetSpec, Pos, register_block
+from .resnet import IMAGENET_WIDTHS_BASIC, IMAGENET_WIDTHS_BOTTLENECK, bottleneck_width
+
+
+class _IBlock(nn.Module):
+    preact = False
+    n_convs = 0  # set by subclasses
+
+    def _init_position(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec) -> None:
+        if pos.depth < 2:
+            raise ValueError("iResNet stages need at least two blocks (a start and an end block)")
+        self.start, self.end = pos.first, pos.last
+        self.relu_only = pos.index == 1  # right after the start block: no bn0
+        self.relu_shortcut = self.relu_only and spec.official_quirks
+        last_ch = out_ch
+        self.bn0 = None if self.start or self.relu_only else nn.BatchNorm2d(in_ch)
+        last_bn = nn.BatchNorm2d(last_ch) if self.start or self.end else None
+        setattr(self, f"bn{self.n_convs}", last_bn)
+        self.act = nn.ReLU(inplace=True)
+        self.shortcut = make_shortcut(spec.shortcut, in_ch, out_ch, stride) if self.start else nn.Identity()
+        self.drop_path = DropPath(pos.drop_path_rate(spec.drop_path))
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.start:
+            inp = x
+        elif self.relu_only:
+            inp = torch.relu(x)
+            if self.relu_shortcut:
+                x = inp
+        else:
+            inp = torch.relu(self.bn0(x))
+        last_bn = getattr(self, f"bn{self.n_convs}")
+        out = self.branch(inp)
+        if self.start:
+            out = last_bn(out)
+        out = self.drop_path(out) + self.shortcut(x)
+        if self.end:
+            out = self.act(last_bn(out))
+        return out
+
+    def zero_init_last(self) -> None:
+        if self.start:
+            nn.init.zeros_(getattr(self, f"bn{self.n_convs}").weight)
+        else:
+            nn.init.zeros_(getattr(self, f"conv{self.n_convs}").weight)
+
+
+@register_block("ibasic")
+class IBasicBlock(_IBlock):
+    """[BN0, ReLU] 3x3 (stride), BN, ReLU, 3x3, [BN (start)]; add; [BN, ReLU (end)]."""
+
+    n_convs = 2
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
+        super().__init__()
+        self.conv1, self.bn1 = conv3x3(in_ch, out_ch, stride), nn.BatchNorm2d(out_ch)
+        self.conv2 = conv3x3(out_ch, out_ch)
+        self._init_position(in_ch, out_ch, stride, pos, spec)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.act(self.bn1(self.conv1(x))))
+
+
+@register_block("ibottleneck")
+class IBottleneck(_IBlock):
+    """[BN0, ReLU] 1x1, BN, ReLU, 3x3 (stride, groups), BN, ReLU, 1x1, [BN (start)]; add; [BN, ReLU (end)]."""
+
+    n_convs = 3
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
+        super().__init__()
+        width = bottleneck_width(out_ch, spec)
+        self.conv1, self.bn1 = conv1x1(in_ch, width), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = conv3x3(width, width, stride, spec.groups), nn.BatchNorm2d(width)
+        self.conv3 = conv1x1(width, out_ch)
+        self._init_position(in_ch, out_ch, stride, pos, spec)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.act(self.bn2(self.conv2(out)))
+        return self.conv3(out)
+
+
+_ERR = {50: 22.69, 101: 21.36, 152: 20.66, 200: 20.52}  # official README top-1 accuracy, as error
+
+for _depth, _depths in [
+    (18, (2, 2, 2, 2)),
+    (34, (3, 4, 6, 3)),
+    (50, (3, 4, 6, 3)),
+    (101, (3, 4, 23, 3)),
+    (152, (3, 8, 36, 3)),
+    (200, (3, 24, 36, 3)),
+    (302, (4, 34, 58, 4)),
+    (404, (4, 46, 80, 4)),
+    (1001, (4, 155, 170, 4)),
+]:
+    _basic = _depth < 50
+    register(
+        f"iresnet{_depth}",
+        "iresnet",
+        NetSpec(
+            "ibasic" if _basic else "ibottleneck",
+            _depths,
+            IMAGENET_WIDTHS_BASIC if _basic else IMAGENET_WIDTHS_BOTTLENECK,
+            strides=(2, 2, 2, 2),
+            stem="iresnet",
+            shortcut="maxpool",
+        ),
+        Paper(
+            IRESNET,
+            "iduta/iresnet README (top-1, 224 center crop)" if _depth in _ERR else "",
+            top1_err=_ERR.get(_depth),
+            note="the paper prints no parameter or MAC counts; parameters equal the ResNet of the same depth "
+            "(checked by the tests)",
+        ),
+    )

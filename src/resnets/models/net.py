@@ -1,0 +1,219 @@
+"""The one skeleton every family shares: stem -> stages of blocks -> head.
+
+A family is data: a `NetSpec` names the block and the papers' hyper-parameters; the block
+classes (in the family modules) all take `(in_ch, out_ch, stride, pos, spec)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from .layers import conv3x3
+
+BLOCKS: dict[str, type[nn.Module]] = {}
+
+
+def register_block(name: str):
+    def deco(cls):
+        BLOCKS[name] = cls
+        return cls
+
+    return deco
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """The hyper-parameters of one network, as the papers name them."""
+
+    block: str  # a key of BLOCKS: basic, bottleneck, preact_basic, preact_bottleneck, res2net, ibasic, ibottleneck
+    depths: tuple[int, ...]  # blocks per stage
+    widths: tuple[int, ...]  # output channels per stage
+    strides: tuple[int, ...] = (1, 2, 2, 2)
+    stem: str = "imagenet"  # imagenet (7x7/2 + max-pool), cifar (3x3), deep (3 x 3x3 + max-pool), iresnet (7x7/2)
+    stem_width: int = 64  # stem output channels (the deep stem's first two convs use half)
+    shortcut: str = "B"  # A, B, C, avgdown, maxpool or none (plain nets); see layers.make_shortcut
+    groups: int = 1  # ResNeXt cardinality C
+    base_width: int = 64  # ResNeXt d / Res2Net w, per 64 channels of stage width
+    scale: int = 1  # Res2Net s
+    stride_in_1x1: bool = False  # original ResNet-50/101/152: stride-2 in the first 1x1 of a bottleneck
+    se_ratio: float = 0.0  # squeeze-excitation hidden/channels ratio (1/16 in SE nets); 0 = off
+    dropout: float = 0.0  # dropout between the two convs of a wide block (WRN)
+    drop_path: float = 0.0  # stochastic depth, rising linearly to this rate at the last block
+    official_quirks: bool = True  # iResNet: reproduce the official code's in-place ReLU on block 1's shortcut
+    num_classes: int = 1000
+    in_chans: int = 3
+    zero_init_last: bool = False  # zero the last BN (or conv) of each residual branch
+
+    def __post_init__(self):
+        if not (len(self.depths) == len(self.widths) == len(self.strides)):
+            raise ValueError("depths, widths and strides must have one entry per stage")
+        if self.block not in BLOCKS:
+            raise ValueError(f"unknown block {self.block!r}; known: {', '.join(sorted(BLOCKS))}")
+        for name in ("num_classes", "in_chans", "groups", "base_width", "scale", "stem_width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "num_classes" else 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("dropout", "drop_path"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+@dataclass(frozen=True)
+class Pos:
+    """Where a block sits: Res2Net needs "first of stage", iResNet start / middle / end."""
+
+    stage: int
+    index: int  # within the stage
+    depth: int  # blocks in the stage
+    block_id: int = 0  # within the whole net
+    num_blocks: int = 1
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.depth - 1
+
+    def drop_path_rate(self, rate: float) -> float:
+        return rate * self.block_id / max(self.num_blocks - 1, 1)
+
+
+class Stem(nn.Module):
+    def __init__(self, spec: NetSpec, preact: bool):
+        super().__init__()
+        w, c = spec.stem_width, spec.in_chans
+        self.out_channels = w
+        self.pool = None
+        if spec.stem == "deep":
+            # Res2Net-v1b / ResNet-D: three 3x3 convs instead of the 7x7 (w/2, w/2, w).
+            self.conv1, self.bn1 = conv3x3(c, w // 2, 2), nn.BatchNorm2d(w // 2)
+            self.conv2, self.bn2 = conv3x3(w // 2, w // 2), nn.BatchNorm2d(w // 2)
+            self.conv3 = conv3x3(w // 2, w)
+            self.act = nn.ReLU(inplace=True)
+        elif spec.stem in ("imagenet", "iresnet"):
+            self.conv = nn.Conv2d(c, w, 7, stride=2, padding=3, bias=False)
+        elif spec.stem == "cifar":
+            self.conv = conv3x3(c, w)
+        else:
+            raise ValueError(f"unknown stem {spec.stem!r} (expected imagenet, cifar, deep or iresnet)")
+        # A pre-activation net's first block normalises the stem output itself.
+        self.bn = None if preact else nn.BatchNorm2d(w)
+        self.act = nn.ReLU(inplace=True)
+        if spec.stem in ("imagenet", "deep"):
+            self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.stride = (4 if self.pool is not None else 2) if spec.stem != "cifar" else 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "conv1"):
+            x = self.act(self.bn1(self.conv1(x)))
+            x = self.act(self.bn2(self.conv2(x)))
+            x = self.conv3(x)
+        else:
+            x = self.conv(x)
+        if self.bn is not None:
+            x = self.act(self.bn(x))
+        if self.pool is not None:
+            x = self.pool(x)
+        return x
+
+
+class Head(nn.Module):
+    """[BN, ReLU (pre-activation nets)], global average pool, fully connected."""
+
+    def __init__(self, in_ch: int, num_classes: int, preact: bool):
+        super().__init__()
+        self.in_features = in_ch
+        self.norm = nn.BatchNorm2d(in_ch) if preact else None
+        self.act = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(in_ch, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.norm is not None:
+            x = self.act(self.norm(x))
+        x = x.mean((2, 3))
+        return x if pre_logits else self.fc(x)
+
+
+class ResNet(nn.Module):
+    """Stem -> stages -> head, built from a NetSpec. Every family of the package is this class."""
+
+    def __init__(self, spec: NetSpec, name: str | None = None):
+        super().__init__()
+        self.spec = spec
+        self.name = name
+        block_cls = BLOCKS[spec.block]
+        preact = block_cls.preact
+        self.stem = Stem(spec, preact)
+        in_ch = self.stem.out_channels
+        total = sum(spec.depths)
+        stages, block_id, reduction = [], 0, self.stem.stride
+        self.feature_info = []
+        for s, (depth, width, stride) in enumerate(zip(spec.depths, spec.widths, spec.strides)):
+            blocks = []
+            for i in range(depth):
+                pos = Pos(s, i, depth, block_id, total)
+                blocks.append(block_cls(in_ch, width, stride if i == 0 else 1, pos, spec))
+                in_ch, block_id = width, block_id + 1
+            reduction *= stride
+            stages.append(nn.Sequential(*blocks))
+            self.feature_info.append({"num_chs": width, "reduction": reduction, "module": f"stages.{s}"})
+        self.stages = nn.ModuleList(stages)
+        self.num_features = in_ch
+        self.head = Head(in_ch, spec.num_classes, preact)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                # torchvision's default Linear init; the papers do not specify one.
+                nn.init.kaiming_uniform_(m.weight, a=5**0.5)
+                bound = 1 / m.in_features**0.5
+                nn.init.uniform_(m.bias, -bound, bound)
+        if self.spec.zero_init_last:
+            # Goyal et al. 2017: each residual block starts as the identity.
+            for m in self.modules():
+                if hasattr(m, "zero_init_last") and callable(m.zero_init_last):
+                    m.zero_init_last()
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier (fine-tuning on a new label set)."""
+        self.head.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        from dataclasses import replace
+
+        self.spec = replace(self.spec, num_classes=num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))

@@ -1,0 +1,157 @@
+"""Pre-activation ResNet v2 (He et al. 2016): BN and ReLU before each conv, nothing after the add."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..registry import RESNET_V2, Paper, register
+from .layers import DropPath, conv1x1, conv3x3, make_shortcut
+from .net import NetSpec, Pos, register_block
+from .resnet import IMAGENET_WIDTHS_BASIC, IMAGENET_WIDTHS_BOTTLENECK, bottleneck_width
+
+
+class _PreAct(nn.Module):
+    """Shared forward: a projection shortcut reads the same BN-ReLU output as the branch."""
+
+    preact = True
+
+    def _init_shortcut(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec) -> None:
+        kind = "B" if spec.shortcut == "A" else spec.shortcut  # no zero-pad variant in v2
+        # v2 projections are a bare 1x1 conv: a BN there would sit on the clean identity path.
+        self.shortcut = make_shortcut(kind, in_ch, out_ch, stride, norm=False)
+        self.project = not isinstance(self.shortcut, nn.Identity)
+        self.drop_path = DropPath(pos.drop_path_rate(spec.drop_path))
+        self.act = nn.ReLU(inplace=True)
+
+    def branch(self, pre: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = torch.relu(self.bn1(x))
+        shortcut = self.shortcut(pre) if self.project else x
+        return self.drop_path(self.branch(pre)) + shortcut
+
+
+@register_block("preact_basic")
+class PreActBasicBlock(_PreAct):
+    """BN, ReLU, 3x3 (stride), BN, ReLU, [dropout], 3x3; add."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(in_ch), conv3x3(in_ch, out_ch, stride)
+        self.bn2, self.conv2 = nn.BatchNorm2d(out_ch), conv3x3(out_ch, out_ch)
+        # Wide ResNet: dropout between the two convs (p = 0.3 on CIFAR).
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout else None
+        self._init_shortcut(in_ch, out_ch, stride, pos, spec)
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.conv2.weight)
+
+    def branch(self, pre: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.bn2(self.conv1(pre)))
+        if self.dropout is not None:
+            out = self.dropout(out)
+        return self.conv2(out)
+
+
+@register_block("preact_bottleneck")
+class PreActBottleneck(_PreAct):
+    """BN, ReLU, 1x1, BN, ReLU, 3x3 (stride, groups), BN, ReLU, 1x1; add."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
+        super().__init__()
+        width = bottleneck_width(out_ch, spec)
+        self.bn1, self.conv1 = nn.BatchNorm2d(in_ch), conv1x1(in_ch, width)
+        self.bn2, self.conv2 = nn.BatchNorm2d(width), conv3x3(width, width, stride, spec.groups)
+        self.bn3, self.conv3 = nn.BatchNorm2d(width), conv1x1(width, out_ch)
+        self._init_shortcut(in_ch, out_ch, stride, pos, spec)
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.conv3.weight)
+
+    def branch(self, pre: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.bn2(self.conv1(pre)))
+        out = self.act(self.bn3(self.conv2(out)))
+        return self.conv3(out)
+
+
+NO_COUNTS = "the paper prints no parameter or MAC counts for the ImageNet pre-act nets below 200 layers"
+
+for _name, _depths, _block, _widths in [
+    ("preact_resnet18", (2, 2, 2, 2), "preact_basic", IMAGENET_WIDTHS_BASIC),
+    ("preact_resnet34", (3, 4, 6, 3), "preact_basic", IMAGENET_WIDTHS_BASIC),
+    ("preact_resnet50", (3, 4, 6, 3), "preact_bottleneck", IMAGENET_WIDTHS_BOTTLENECK),
+    ("preact_resnet101", (3, 4, 23, 3), "preact_bottleneck", IMAGENET_WIDTHS_BOTTLENECK),
+    ("preact_resnet152", (3, 8, 36, 3), "preact_bottleneck", IMAGENET_WIDTHS_BOTTLENECK),
+]:
+    register(
+        _name,
+        "preact_resnet",
+        NetSpec(_block, _depths, _widths),
+        Paper(
+            RESNET_V2,
+            "arXiv:1603.05027 Table 5" if _name == "preact_resnet152" else "",
+            top1_err=21.1 if _name == "preact_resnet152" else None,
+            top5_err=5.5 if _name == "preact_resnet152" else None,
+            note=NO_COUNTS + ("; error at 320 px test size" if _name == "preact_resnet152" else "")
+            + ("; = timm resnetv2_50" if _name == "preact_resnet50" else ""),
+        ),
+    )
+
+register(
+    "preact_resnet200",
+    "preact_resnet",
+    NetSpec("preact_bottleneck", (3, 24, 36, 3), IMAGENET_WIDTHS_BOTTLENECK),
+    Paper(
+        RESNET_V2,
+        "arXiv:1603.05027 Table 5 (error, 320 px test); params: WRN Table 8 / fb.resnet.torch",
+        params_m=64.7,
+        top1_err=20.7,
+        top5_err=5.3,
+        note="error measured at 320x320 test size",
+    ),
+)
+
+_CIFAR = dict(strides=(1, 2, 2), stem="cifar", stem_width=16, num_classes=10)
+
+register(
+    "preact_resnet110",
+    "preact_resnet",
+    NetSpec("preact_basic", (18, 18, 18), (16, 32, 64), **_CIFAR),
+    Paper(
+        RESNET_V2,
+        "arXiv:1603.05027 Tables 2-3",
+        params_m=1.7,
+        cifar10_err=6.37,
+        note="1x1 projection (no BN) where the shape changes; the paper does not say which shortcut its "
+        "basic-block CIFAR net used",
+    ),
+    input_size=32,
+)
+for _name, _n, _params, _err10, _err100, _note in [
+    ("preact_resnet164", 18, 1.7, 5.46, 24.33, ""),
+    (
+        "preact_resnet1001",
+        111,
+        10.2,
+        4.92,
+        22.71,
+        "the paper's 10.2M excludes BatchNorm parameters (10.18M counted without, 10.33M with); "
+        "4.62 error with batch 64",
+    ),
+]:
+    register(
+        _name,
+        "preact_resnet",
+        NetSpec("preact_bottleneck", (_n,) * 3, (64, 128, 256), **_CIFAR),
+        Paper(
+            RESNET_V2,
+            "arXiv:1603.05027 Tables 2-4",
+            params_m=_params,
+            cifar10_err=_err10,
+            cifar100_err=_err100,
+            note=_note,
+        ),
+        input_size=32,
+    )

@@ -90,7 +90,17 @@ def cmd_list(args) -> int:
         ]
         for r in rows
     ]
-    header = ["name", "family", "input", "params_m", "gmacs", "paper_params_m", "paper_gmacs", "source", "note"]
+    header = [
+        "name",
+        "family",
+        "input",
+        "params_m",
+        "gmacs",
+        "paper_params_m",
+        "paper_gmacs",
+        "source",
+        "note",
+    ]
     print(_table(table, header))
     return 0
 
@@ -116,7 +126,9 @@ def cmd_info(args) -> int:
     try:
         rows = stage_table(args.name, size)
     except RuntimeError as exc:  # e.g. an input too small for the network's strides
-        raise UserError(f"{args.name} cannot run on {size}x{size} input: {str(exc).splitlines()[0]}") from None
+        raise UserError(
+            f"{args.name} cannot run on {size}x{size} input: {str(exc).splitlines()[0]}"
+        ) from None
     total = {"params": sum(r["params"] for r in rows), "macs": sum(r["macs"] for r in rows)}
     if args.json:
         out = {"name": args.name, "family": entry.family, "input_size": size, "stages": rows, "total": total}

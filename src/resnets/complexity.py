@@ -52,7 +52,9 @@ def count_params_macs(
     return params, macs
 
 
-def stage_table(model_or_name: nn.Module | str, input_size: int | tuple[int, int] | None = None) -> list[dict]:
+def stage_table(
+    model_or_name: nn.Module | str, input_size: int | tuple[int, int] | None = None
+) -> list[dict]:
     """Per part of the net (stem, each stage, head): output shape, parameters and multiply-adds."""
     model = _meta_model(model_or_name)
     h, w = _input_size(model, input_size)

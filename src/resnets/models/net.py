@@ -32,7 +32,9 @@ class NetSpec:
     depths: tuple[int, ...]  # blocks per stage
     widths: tuple[int, ...]  # output channels per stage
     strides: tuple[int, ...] = (1, 2, 2, 2)
-    stem: str = "imagenet"  # imagenet (7x7/2 + max-pool), cifar (3x3), deep (3 x 3x3 + max-pool), iresnet (7x7/2)
+    stem: str = (
+        "imagenet"  # imagenet (7x7/2 + max-pool), cifar (3x3), deep (3 x 3x3 + max-pool), iresnet (7x7/2)
+    )
     stem_width: int = 64  # stem output channels (the deep stem's first two convs use half)
     shortcut: str = "B"  # A, B, C, avgdown, maxpool or none (plain nets); see layers.make_shortcut
     groups: int = 1  # ResNeXt cardinality C
@@ -54,7 +56,11 @@ class NetSpec:
             raise ValueError(f"unknown block {self.block!r}; known: {', '.join(sorted(BLOCKS))}")
         for name in ("num_classes", "in_chans", "groups", "base_width", "scale", "stem_width"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "num_classes" else 1):
+            if (
+                not isinstance(value, int)
+                or isinstance(value, bool)
+                or value < (0 if name == "num_classes" else 1)
+            ):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("dropout", "drop_path"):
             value = getattr(self, name)

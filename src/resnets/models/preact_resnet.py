@@ -94,7 +94,8 @@ for _name, _depths, _block, _widths in [
             "arXiv:1603.05027 Table 5" if _name == "preact_resnet152" else "",
             top1_err=21.1 if _name == "preact_resnet152" else None,
             top5_err=5.5 if _name == "preact_resnet152" else None,
-            note=NO_COUNTS + ("; error at 320 px test size" if _name == "preact_resnet152" else "")
+            note=NO_COUNTS
+            + ("; error at 320 px test size" if _name == "preact_resnet152" else "")
             + ("; = timm resnetv2_50" if _name == "preact_resnet50" else ""),
         ),
     )

@@ -31,7 +31,10 @@ class Res2NetBottleneck(nn.Module):
         self.scale = spec.scale
         self.is_first = pos.first
         n = max(1, spec.scale - 1)
-        self.conv1, self.bn1 = conv1x1(in_ch, self.width * spec.scale), nn.BatchNorm2d(self.width * spec.scale)
+        self.conv1, self.bn1 = (
+            conv1x1(in_ch, self.width * spec.scale),
+            nn.BatchNorm2d(self.width * spec.scale),
+        )
         self.convs = nn.ModuleList(conv3x3(self.width, self.width, stride, spec.groups) for _ in range(n))
         self.bns = nn.ModuleList(nn.BatchNorm2d(self.width) for _ in range(n))
         self.pool = nn.AvgPool2d(3, stride, padding=1) if self.is_first and spec.scale > 1 else None
@@ -101,8 +104,10 @@ for _name, _depths, _w, _s, _c, _params, _gmacs, _err, _extra in [
     if "se_ratio" in _extra:
         _notes.append("SE (reduction 16) right before the add; the paper prints no counts for it")
     if "stem" in _extra:
-        _notes.append("v1b: deep 3-conv stem (32-32-64) and avg-pool shortcuts, = timm res2net50d/101d; error "
-                      "with CutMix and other tricks")
+        _notes.append(
+            "v1b: deep 3-conv stem (32-32-64) and avg-pool shortcuts, = timm res2net50d/101d; error "
+            "with CutMix and other tricks"
+        )
     register(
         _name,
         "res2net",

@@ -103,7 +103,11 @@ for _name, _depths, _block, _pp, _tv in [
             **_pp,
             **_tv,
             note="option B shortcuts (projection where the shape changes), as torchvision"
-            + ("; the paper's ResNet-18 used option A" if _name == "resnet18" else "; error is the paper's 34-B"),
+            + (
+                "; the paper's ResNet-18 used option A"
+                if _name == "resnet18"
+                else "; error is the paper's 34-B"
+            ),
         ),
     )
 
@@ -155,7 +159,10 @@ register(
     ),
 )
 
-for _name, _depths, _gmacs, _err in [("plain18", (2, 2, 2, 2), 1.8, 27.94), ("plain34", (3, 4, 6, 3), 3.6, 28.54)]:
+for _name, _depths, _gmacs, _err in [
+    ("plain18", (2, 2, 2, 2), 1.8, 27.94),
+    ("plain34", (3, 4, 6, 3), 3.6, 28.54),
+]:
     register(
         _name,
         "resnet",

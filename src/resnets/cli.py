@@ -120,7 +120,7 @@ def cmd_info(args) -> int:
     from .complexity import stage_table
 
     entry = get_entry(args.name)
-    size = args.input_size or entry.input_size
+    size = entry.input_size if args.input_size is None else args.input_size
     if size < 1:
         raise UserError(f"--input-size must be positive, got {size}")
     try:

@@ -6,7 +6,7 @@ import difflib
 import fnmatch
 from dataclasses import dataclass, replace
 
-from .models.net import NetSpec, ResNet
+from .models.net import FeatureExtractor, NetSpec, ResNet
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,14 @@ def resolve_spec(name: str, **overrides) -> NetSpec:
     return replace(spec, **overrides)
 
 
-def create_model(name: str, **overrides) -> ResNet:
-    """Build a registered network, e.g. `create_model("resnet50", num_classes=10, drop_path=0.1)`."""
-    return ResNet(resolve_spec(name, **overrides), name=name)
+def create_model(
+    name: str, *, features_only: bool = False, out_indices: tuple[int, ...] = (1, 2, 3, 4), **overrides
+) -> ResNet | FeatureExtractor:
+    """Build a registered network, e.g. `create_model("resnet50", num_classes=10, drop_path=0.1)`.
+
+    `features_only=True` returns a backbone that outputs the feature maps of `out_indices`
+    (0 = stem, 1..4 = stages) and lists their channels and strides in `.feature_info`;
+    `output_stride=16` or `8` trades the last strides for dilation.
+    """
+    net = ResNet(resolve_spec(name, **overrides), name=name)
+    return FeatureExtractor(net, tuple(out_indices)) if features_only else net

@@ -88,8 +88,9 @@ class IBasicBlock(_IBlock):
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
         super().__init__()
-        self.conv1, self.bn1 = conv3x3(in_ch, out_ch, stride), nn.BatchNorm2d(out_ch)
-        self.conv2 = conv3x3(out_ch, out_ch)
+        d = pos.dilation
+        self.conv1, self.bn1 = conv3x3(in_ch, out_ch, stride, dilation=d), nn.BatchNorm2d(out_ch)
+        self.conv2 = conv3x3(out_ch, out_ch, dilation=d)
         self._init_position(in_ch, out_ch, stride, pos, spec)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +107,7 @@ class IBottleneck(_IBlock):
         super().__init__()
         width = bottleneck_width(out_ch, spec)
         self.conv1, self.bn1 = conv1x1(in_ch, width), nn.BatchNorm2d(width)
-        self.conv2, self.bn2 = conv3x3(width, width, stride, spec.groups), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = conv3x3(width, width, stride, spec.groups, pos.dilation), nn.BatchNorm2d(width)
         self.conv3 = conv1x1(width, out_ch)
         self._init_position(in_ch, out_ch, stride, pos, spec)
 

@@ -48,6 +48,7 @@ class NetSpec:
     num_classes: int = 1000
     in_chans: int = 3
     zero_init_last: bool = False  # zero the last BN (or conv) of each residual branch
+    output_stride: int = 32  # 8 or 16 replace the later strides by dilation (segmentation backbones)
 
     def __post_init__(self):
         if not (len(self.depths) == len(self.widths) == len(self.strides)):
@@ -62,6 +63,8 @@ class NetSpec:
                 or value < (0 if name == "num_classes" else 1)
             ):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {self.output_stride!r}")
         for name in ("dropout", "drop_path"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
@@ -81,6 +84,7 @@ class Pos:
     depth: int  # blocks in the stage
     block_id: int = 0  # within the whole net
     num_blocks: int = 1
+    dilation: int = 1  # of the block's 3x3 convs (output_stride < 32)
 
     @property
     def first(self) -> bool:
@@ -162,12 +166,17 @@ class ResNet(nn.Module):
         self.stem = Stem(spec, preact)
         in_ch = self.stem.out_channels
         total = sum(spec.depths)
-        stages, block_id, reduction = [], 0, self.stem.stride
-        self.feature_info = []
+        stages, block_id, reduction, dilation = [], 0, self.stem.stride, 1
+        self.feature_info = FeatureInfo([{"num_chs": in_ch, "reduction": reduction, "module": "stem"}])
         for s, (depth, width, stride) in enumerate(zip(spec.depths, spec.widths, spec.strides)):
+            prev_dilation = dilation
+            if reduction * stride > spec.output_stride:
+                # Keep the resolution and grow the dilation instead (torchvision's rule: the first
+                # block of the stage keeps the previous dilation).
+                dilation, stride = dilation * stride, 1
             blocks = []
             for i in range(depth):
-                pos = Pos(s, i, depth, block_id, total)
+                pos = Pos(s, i, depth, block_id, total, prev_dilation if i == 0 else dilation)
                 blocks.append(block_cls(in_ch, width, stride if i == 0 else 1, pos, spec))
                 in_ch, block_id = width, block_id + 1
             reduction *= stride
@@ -223,3 +232,43 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
+
+
+class FeatureInfo(list):
+    """One dict per returned feature map: `num_chs`, `reduction` (stride w.r.t. the input), `module`."""
+
+    def channels(self) -> list[int]:
+        return [f["num_chs"] for f in self]
+
+    def reduction(self) -> list[int]:
+        return [f["reduction"] for f in self]
+
+
+class FeatureExtractor(nn.Module):
+    """A backbone: returns the feature maps of the chosen parts (0 = stem, i = stage i), no head.
+
+    It holds the network's own stem and stages, so its state dict keys are the classifier's minus
+    `head.*`, and a classifier checkpoint loads with `strict=False`.
+    """
+
+    def __init__(self, net: ResNet, out_indices: tuple[int, ...] = (1, 2, 3, 4)):
+        super().__init__()
+        n = len(net.stages)
+        indices = tuple(i if i >= 0 else n + 1 + i for i in out_indices)
+        if not indices or any(not 0 <= i <= n for i in indices) or len(set(indices)) != len(indices):
+            raise ValueError(f"out_indices must be distinct values in 0..{n} (0 = stem), got {out_indices}")
+        self.spec, self.name = net.spec, net.name
+        self.out_indices = tuple(sorted(indices))
+        self.stem = net.stem
+        # Stages after the last requested one are never run, so they are not kept.
+        self.stages = nn.ModuleList(list(net.stages)[: max(self.out_indices)])
+        self.feature_info = FeatureInfo(net.feature_info[i] for i in self.out_indices)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        feats = [x] if 0 in self.out_indices else []
+        for i, stage in enumerate(self.stages, start=1):
+            x = stage(x)
+            if i in self.out_indices:
+                feats.append(x)
+        return feats

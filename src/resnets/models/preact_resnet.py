@@ -39,8 +39,9 @@ class PreActBasicBlock(_PreAct):
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
         super().__init__()
-        self.bn1, self.conv1 = nn.BatchNorm2d(in_ch), conv3x3(in_ch, out_ch, stride)
-        self.bn2, self.conv2 = nn.BatchNorm2d(out_ch), conv3x3(out_ch, out_ch)
+        d = pos.dilation
+        self.bn1, self.conv1 = nn.BatchNorm2d(in_ch), conv3x3(in_ch, out_ch, stride, dilation=d)
+        self.bn2, self.conv2 = nn.BatchNorm2d(out_ch), conv3x3(out_ch, out_ch, dilation=d)
         # Wide ResNet: dropout between the two convs (p = 0.3 on CIFAR).
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout else None
         self._init_shortcut(in_ch, out_ch, stride, pos, spec)
@@ -63,7 +64,7 @@ class PreActBottleneck(_PreAct):
         super().__init__()
         width = bottleneck_width(out_ch, spec)
         self.bn1, self.conv1 = nn.BatchNorm2d(in_ch), conv1x1(in_ch, width)
-        self.bn2, self.conv2 = nn.BatchNorm2d(width), conv3x3(width, width, stride, spec.groups)
+        self.bn2, self.conv2 = nn.BatchNorm2d(width), conv3x3(width, width, stride, spec.groups, pos.dilation)
         self.bn3, self.conv3 = nn.BatchNorm2d(width), conv1x1(width, out_ch)
         self._init_shortcut(in_ch, out_ch, stride, pos, spec)
 

@@ -35,7 +35,7 @@ class Res2NetBottleneck(nn.Module):
             conv1x1(in_ch, self.width * spec.scale),
             nn.BatchNorm2d(self.width * spec.scale),
         )
-        self.convs = nn.ModuleList(conv3x3(self.width, self.width, stride, spec.groups) for _ in range(n))
+        self.convs = nn.ModuleList(conv3x3(self.width, self.width, stride, spec.groups, pos.dilation) for _ in range(n))
         self.bns = nn.ModuleList(nn.BatchNorm2d(self.width) for _ in range(n))
         self.pool = nn.AvgPool2d(3, stride, padding=1) if self.is_first and spec.scale > 1 else None
         self.conv3, self.bn3 = conv1x1(self.width * spec.scale, out_ch), nn.BatchNorm2d(out_ch)

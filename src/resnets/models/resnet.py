@@ -18,8 +18,9 @@ class BasicBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
         super().__init__()
-        self.conv1, self.bn1 = conv3x3(in_ch, out_ch, stride), nn.BatchNorm2d(out_ch)
-        self.conv2, self.bn2 = conv3x3(out_ch, out_ch), nn.BatchNorm2d(out_ch)
+        d = pos.dilation
+        self.conv1, self.bn1 = conv3x3(in_ch, out_ch, stride, dilation=d), nn.BatchNorm2d(out_ch)
+        self.conv2, self.bn2 = conv3x3(out_ch, out_ch, dilation=d), nn.BatchNorm2d(out_ch)
         self.act = nn.ReLU(inplace=True)
         self.shortcut = make_shortcut(spec.shortcut, in_ch, out_ch, stride)
         self.drop_path = DropPath(pos.drop_path_rate(spec.drop_path))
@@ -52,7 +53,7 @@ class Bottleneck(nn.Module):
         # The original ResNet-50/101/152 stride in the first 1x1; torchvision and later papers in the 3x3.
         s1, s3 = (stride, 1) if spec.stride_in_1x1 else (1, stride)
         self.conv1, self.bn1 = conv1x1(in_ch, width, s1), nn.BatchNorm2d(width)
-        self.conv2, self.bn2 = conv3x3(width, width, s3, spec.groups), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = conv3x3(width, width, s3, spec.groups, pos.dilation), nn.BatchNorm2d(width)
         self.conv3, self.bn3 = conv1x1(width, out_ch), nn.BatchNorm2d(out_ch)
         self.se = SqueezeExcite(out_ch, spec.se_ratio) if spec.se_ratio else None
         self.act = nn.ReLU(inplace=True)

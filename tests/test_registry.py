@@ -198,3 +198,12 @@ def test_wrn_dropout_is_an_override():
     m = create_model("wrn16_4", dropout=0.3)
     drops = [x for x in m.modules() if isinstance(x, torch.nn.Dropout)]
     assert len(drops) == 6 and all(d.p == 0.3 for d in drops)
+
+
+def test_counting_a_model_touches_nothing():
+    model = create_model("resnet18")  # training mode, real weights
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert count_params_macs(model) == counts("resnet18")
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert count_params_macs(model, 112)[1] < counts("resnet18")[1] / 3

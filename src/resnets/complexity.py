@@ -24,10 +24,15 @@ def _meta_model(model_or_name: nn.Module | str) -> nn.Module:
 
 
 def count_macs(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """Multiply-adds of one forward pass of `module` on `x` (FlopCounterMode counts 2 FLOPs per MAC)."""
+    """Multiply-adds of one forward pass of `module` on `x` (FlopCounterMode counts 2 FLOPs per MAC).
+
+    Runs on the meta device whatever device the module's weights are on: the weights are swapped
+    for meta tensors for the call, so nothing is computed and nothing is copied.
+    """
+    meta = {k: torch.empty_like(v, device="meta") for k, v in module.state_dict(keep_vars=True).items()}
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        out = module(x)
+        out = torch.func.functional_call(module, meta, (x.to("meta"),))
     return counter.get_total_flops() // 2, out
 
 
@@ -36,13 +41,13 @@ def count_params_macs(
 ) -> tuple[int, int]:
     """(parameters, multiply-adds) for one image at `input_size` (default: the paper's input size).
 
-    A name is built on the meta device, so even iresnet1001 costs no memory or time.
+    Counted on the meta device: a name is built there, a model's weights are swapped for meta
+    tensors during the count, so even iresnet1001 costs no memory or time.
     """
     model = _meta_model(model_or_name)
     h, w = _input_size(model, input_size)
     params = sum(p.numel() for p in model.parameters())
-    param = next(model.parameters())
-    x = torch.zeros(1, model.spec.in_chans if hasattr(model, "spec") else 3, h, w, device=param.device)
+    x = torch.zeros(1, model.spec.in_chans if hasattr(model, "spec") else 3, h, w, device="meta")
     was_training = model.training
     model.eval()
     try:
@@ -58,8 +63,7 @@ def stage_table(
     """Per part of the net (stem, each stage, head): output shape, parameters and multiply-adds."""
     model = _meta_model(model_or_name)
     h, w = _input_size(model, input_size)
-    param = next(model.parameters())
-    x = torch.zeros(1, model.spec.in_chans, h, w, device=param.device)
+    x = torch.zeros(1, model.spec.in_chans, h, w, device="meta")
     parts = [("stem", model.stem)] + [(f"stage{i + 1}", s) for i, s in enumerate(model.stages)]
     parts.append(("head", model.head))
     rows = []

@@ -6,7 +6,7 @@ classes (in the family modules) all take `(in_ch, out_ch, stride, pos, spec)`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
@@ -217,8 +217,6 @@ class ResNet(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier (fine-tuning on a new label set)."""
         self.head.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        from dataclasses import replace
-
         self.spec = replace(self.spec, num_classes=num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

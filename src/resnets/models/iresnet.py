@@ -73,6 +73,13 @@ class _IBlock(nn.Module):
             out = self.act(last_bn(out))
         return out
 
+    def fold_pairs(self) -> list[tuple[str, str]]:
+        """(conv, BN) attribute pairs where the BN reads exactly the conv's output: `deploy` folds them."""
+        # bn0 precedes conv1, and an end block's last BN follows the add: neither folds. The last
+        # conv's BN follows it directly only in a start block.
+        inner = [(f"conv{i}", f"bn{i}") for i in range(1, self.n_convs)]
+        return inner + ([(f"conv{self.n_convs}", f"bn{self.n_convs}")] if self.start else [])
+
     def zero_init_last(self) -> None:
         if self.start:
             nn.init.zeros_(getattr(self, f"bn{self.n_convs}").weight)

@@ -49,6 +49,10 @@ class Projection(nn.Module):
         self.conv = conv1x1(in_ch, out_ch, conv_stride) if in_ch != out_ch or self.pool is None else None
         self.bn = nn.BatchNorm2d(out_ch) if norm and self.conv is not None else None
 
+    def fold_pairs(self) -> list[tuple[str, str]]:
+        """(conv, BN) attribute pairs where the BN reads exactly the conv's output: `deploy` folds them."""
+        return [("conv", "bn")] if self.conv is not None and self.bn is not None else []
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pool is not None:
             x = self.pool(x)

@@ -123,6 +123,14 @@ class Stem(nn.Module):
             self.pool = nn.MaxPool2d(3, stride=2, padding=1)
         self.stride = (4 if self.pool is not None else 2) if spec.stem != "cifar" else 1
 
+    def fold_pairs(self) -> list[tuple[str, str]]:
+        """(conv, BN) attribute pairs where the BN reads exactly the conv's output: `deploy` folds them."""
+        deep = hasattr(self, "conv1")
+        pairs = [("conv1", "bn1"), ("conv2", "bn2")] if deep else []
+        if self.bn is not None:  # None in pre-activation nets: the first block normalises
+            pairs.append(("conv3" if deep else "conv", "bn"))
+        return pairs
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "conv1"):
             x = self.act(self.bn1(self.conv1(x)))

@@ -49,6 +49,11 @@ class PreActBasicBlock(_PreAct):
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.conv2.weight)
 
+    def fold_pairs(self) -> list[tuple[str, str]]:
+        """(conv, BN) attribute pairs where the BN reads exactly the conv's output: `deploy` folds them."""
+        # bn1 normalises the block input (shared with the shortcut), so only conv1 -> bn2 folds.
+        return [("conv1", "bn2")]
+
     def branch(self, pre: torch.Tensor) -> torch.Tensor:
         out = self.act(self.bn2(self.conv1(pre)))
         if self.dropout is not None:
@@ -70,6 +75,11 @@ class PreActBottleneck(_PreAct):
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.conv3.weight)
+
+    def fold_pairs(self) -> list[tuple[str, str]]:
+        """(conv, BN) attribute pairs where the BN reads exactly the conv's output: `deploy` folds them."""
+        # bn1 normalises the block input (shared with the shortcut); each later BN follows a conv.
+        return [("conv1", "bn2"), ("conv2", "bn3")]
 
     def branch(self, pre: torch.Tensor) -> torch.Tensor:
         out = self.act(self.bn2(self.conv1(pre)))

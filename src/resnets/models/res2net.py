@@ -35,7 +35,9 @@ class Res2NetBottleneck(nn.Module):
             conv1x1(in_ch, self.width * spec.scale),
             nn.BatchNorm2d(self.width * spec.scale),
         )
-        self.convs = nn.ModuleList(conv3x3(self.width, self.width, stride, spec.groups, pos.dilation) for _ in range(n))
+        self.convs = nn.ModuleList(
+            conv3x3(self.width, self.width, stride, spec.groups, pos.dilation) for _ in range(n)
+        )
         self.bns = nn.ModuleList(nn.BatchNorm2d(self.width) for _ in range(n))
         self.pool = nn.AvgPool2d(3, stride, padding=1) if self.is_first and spec.scale > 1 else None
         self.conv3, self.bn3 = conv1x1(self.width * spec.scale, out_ch), nn.BatchNorm2d(out_ch)
@@ -46,6 +48,11 @@ class Res2NetBottleneck(nn.Module):
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
+
+    def fold_pairs(self) -> list[tuple[str, str]]:
+        """(conv, BN) attribute pairs where the BN reads exactly the conv's output: `deploy` folds them."""
+        splits = [(f"convs.{i}", f"bns.{i}") for i in range(len(self.convs))]
+        return [("conv1", "bn1"), *splits, ("conv3", "bn3")]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act(self.bn1(self.conv1(x)))

@@ -28,6 +28,10 @@ class BasicBlock(nn.Module):
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn2.weight)
 
+    def fold_pairs(self) -> list[tuple[str, str]]:
+        """(conv, BN) attribute pairs where the BN reads exactly the conv's output: `deploy` folds them."""
+        return [("conv1", "bn1"), ("conv2", "bn2")]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
@@ -62,6 +66,10 @@ class Bottleneck(nn.Module):
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
+
+    def fold_pairs(self) -> list[tuple[str, str]]:
+        """(conv, BN) attribute pairs where the BN reads exactly the conv's output: `deploy` folds them."""
+        return [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act(self.bn1(self.conv1(x)))

@@ -1,6 +1,7 @@
 """resnets: the residual-network family in PyTorch."""
 
 from .complexity import count_params_macs
+from .deploy import deploy  # the function shadows the module name: import helpers from resnets.deploy
 from .models import NetSpec, ResNet
 from .registry import Entry, Paper, UnknownModelError, create_model, get_entry, list_models
 
@@ -14,6 +15,7 @@ __all__ = [
     "UnknownModelError",
     "count_params_macs",
     "create_model",
+    "deploy",
     "get_entry",
     "list_models",
 ]

@@ -1,0 +1,208 @@
+"""Inference-ready models: BatchNorm folded into convs, channels-last, compiled, optional bf16.
+
+`deploy(model)` never touches `model`: it works on a deep copy. Folding is explicit: every block
+class lists in `fold_pairs()` the (conv, BN) pairs whose BN reads exactly that conv's output;
+the conv gets the BN's scale and shift (a biased conv) and the BN becomes `nn.Identity`, so each
+block's own forward still runs unchanged. BNs that precede a conv (pre-activation) or follow an
+add (iResNet end blocks) are left alone: folding them would change the function.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["Deployed", "deploy", "fold_batchnorm", "fold_pairs"]
+
+
+def fold_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """Full attribute paths of every (conv, BN) pair the model's modules declare foldable."""
+    pairs = []
+    for prefix, module in model.named_modules():
+        declare = getattr(module, "fold_pairs", None)
+        if callable(declare):
+            dot = f"{prefix}." if prefix else ""
+            pairs += [(dot + conv, dot + bn) for conv, bn in declare()]
+    return pairs
+
+
+def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Give `conv` the affine map of `bn` (eval mode: running statistics)."""
+    # float64 so that folding adds no rounding of its own beyond the final cast.
+    w = conv.weight.detach().double()
+    mean = bn.running_mean.detach().double()
+    scale = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach().double()
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.detach().double()
+    if conv.bias is not None:
+        shift = shift + conv.bias.detach().double() * scale
+    dtype = conv.weight.dtype
+    conv.weight = nn.Parameter(
+        (w * scale.view(-1, 1, 1, 1)).to(dtype), requires_grad=conv.weight.requires_grad
+    )
+    conv.bias = nn.Parameter(shift.to(dtype), requires_grad=conv.weight.requires_grad)
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold, in place, every declared (conv, BN) pair; returns how many were folded.
+
+    A pair whose BN is already an Identity (folded before) is skipped, so folding twice is harmless.
+    The model must be in eval mode: a BN in training mode normalises by batch statistics, which
+    no fixed conv can reproduce.
+    """
+    if any(m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        raise ValueError("fold_batchnorm needs the model in eval mode (call model.eval() first)")
+    folded = 0
+    for conv_path, bn_path in fold_pairs(model):
+        conv, bn = model.get_submodule(conv_path), model.get_submodule(bn_path)
+        if not isinstance(bn, nn.BatchNorm2d):
+            continue
+        if not isinstance(conv, nn.Conv2d) or conv.out_channels != bn.num_features:
+            raise ValueError(f"{conv_path} -> {bn_path} is declared foldable but is not a matching conv/BN")
+        if bn.running_mean is None or bn.running_var is None:
+            continue  # no running statistics: eval mode still uses batch statistics
+        _fold_into(conv, bn)
+        parent_path, _, attr = bn_path.rpartition(".")
+        setattr(model.get_submodule(parent_path), attr, nn.Identity())
+        folded += 1
+    return folded
+
+
+def _param_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters(), None)
+    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+
+
+def low_precision_supported(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `device` runs `dtype` convolutions natively (not emulated at a fraction of fp32 speed)."""
+    if dtype == torch.float32:
+        return True
+    if device.type == "cuda":
+        return dtype == torch.float16 or torch.cuda.is_bf16_supported()
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        check = {
+            torch.bfloat16: "_is_mkldnn_bf16_supported",
+            torch.float16: "_is_mkldnn_fp16_supported",
+        }.get(dtype)
+        return check is not None and bool(getattr(torch.ops.mkldnn, check)())
+    return False
+
+
+class _CompiledOrFrozen:
+    """Runs `torch.compile` with inductor freezing; if compiling fails, a frozen TorchScript trace.
+
+    Freezing turns the weights into constants, so inductor can pre-pack them for oneDNN (CPU)
+    and fold what folding left; that, not compile alone, is what makes CPU inference faster.
+    Compile failures only show on the first call (no C++ compiler, unsupported Python), so the
+    choice is made there, with the first input as the trace example.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.compiled: Callable | None = None
+        self.backend = "pending"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled is None:
+            self.compiled, self.backend = self._build(x)
+        return self.compiled(x)
+
+    def _build(self, x: torch.Tensor) -> tuple[Callable, str]:
+        try:
+            # dynamic=False: one specialised graph per input shape, as a deployed model sees few.
+            compiled = torch.compile(self.model, dynamic=False, options={"freezing": True})
+            compiled(x)
+            return compiled, "inductor"
+        except Exception as exc:  # compile has many failure types; each one means "use the fallback"
+            torch._dynamo.reset()
+            warnings.warn(
+                f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                "using a frozen TorchScript trace instead",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return frozen_torchscript(self.model, x), "torchscript"
+
+
+def frozen_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """`torch.jit.trace` + `freeze` + `optimize_for_inference`: the path without torch.compile."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation notice: this is the fallback on purpose
+        traced = torch.jit.trace(model, example, check_trace=False)
+        return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+
+
+class Deployed(nn.Module):
+    """An inference-only model: casts the input to the deployed dtype and memory format, no autograd.
+
+    The output comes back in the input's dtype, so float32 callers get float32 logits from a bf16
+    model. `.model` is the folded eager network (its `spec` and `name` are copied here).
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, channels_last: bool, compile: bool):
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self.spec, self.name = getattr(model, "spec", None), getattr(model, "name", None)
+        # Not a submodule: the compiled wrapper shares `model`'s parameters, which must not be
+        # listed twice in the state dict.
+        self.__dict__["_runner"] = _CompiledOrFrozen(model) if compile else None
+        self.training = False
+
+    @property
+    def backend(self) -> str:
+        """eager, inductor, torchscript, or pending (compiled on the first call)."""
+        return "eager" if self._runner is None else self._runner.backend
+
+    def train(self, mode: bool = True) -> Deployed:
+        if mode:
+            raise RuntimeError("a deployed model is inference-only; train the original model")
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            fmt = torch.channels_last if self.channels_last and x.ndim == 4 else torch.contiguous_format
+            y = x.to(dtype=self.dtype, memory_format=fmt)
+            out = self.model(y) if self._runner is None else self._runner(y)
+            return out.to(x.dtype) if x.is_floating_point() else out
+
+
+def deploy(
+    model: nn.Module,
+    *,
+    dtype: torch.dtype | None = None,
+    channels_last: bool = True,
+    compile: bool = True,
+) -> Deployed:
+    """An inference-ready copy of `model`: BN folded, channels-last, compiled, optionally bf16/fp16.
+
+    In float32 its outputs match the original's (eval mode) to float rounding. `dtype=torch.bfloat16`
+    (or float16) casts the weights; where the device has no native support for it, a warning is
+    given and the model stays float32. Compilation happens on the first call (seconds to minutes);
+    if `torch.compile` is unavailable it falls back to a frozen TorchScript trace.
+    """
+    net = copy.deepcopy(model).eval()
+    fold_batchnorm(net)
+    net.requires_grad_(False)
+    device, param_dtype = _param_device_dtype(net)
+    if dtype is not None and dtype != param_dtype:
+        if low_precision_supported(dtype, device):
+            net.to(dtype)
+        else:
+            warnings.warn(
+                f"{dtype} is not supported natively on this {device.type}; the deployed model stays "
+                f"{param_dtype}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    return Deployed(net, _param_device_dtype(net)[1], channels_last, compile)

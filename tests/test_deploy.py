@@ -1,0 +1,257 @@
+"""deploy(): BN folding is exact for every block family, the declared pairs are the real ones."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+
+import resnets
+from resnets import create_model
+from resnets.deploy import (
+    Deployed,
+    deploy,
+    fold_batchnorm,
+    fold_pairs,
+    frozen_torchscript,
+    low_precision_supported,
+)
+
+# One model per block family (and per stem / shortcut variant), at a small input so it runs fast.
+FAMILY_MODELS = [
+    ("resnet20", 32),  # basic block, CIFAR stem, zero-pad shortcuts (no projection BN)
+    ("resnet18", 64),  # basic block, ImageNet stem, projection shortcuts
+    ("resnet50", 64),  # bottleneck
+    ("resnext50_32x4d", 64),  # grouped bottleneck
+    ("preact_resnet18", 64),  # pre-activation basic, BN-free projection
+    ("preact_resnet50", 64),  # pre-activation bottleneck
+    ("wrn16_4", 32),  # wide pre-activation basic
+    ("res2net50_26w_4s", 64),  # split 3x3 convs
+    ("res2net50_v1b_26w_4s", 64),  # deep stem + avg-down shortcut
+    ("iresnet18", 64),  # iResNet basic: start / middle / end, max-pool shortcut
+    ("iresnet50", 64),  # iResNet bottleneck
+]
+
+
+def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """BN statistics and affine parameters far from the identity, so a wrong fold shows in the logits."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return model
+
+
+def make(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return randomise_bn(create_model(name)).eval()
+
+
+def traced_conv_bn_pairs(model: nn.Module) -> set[tuple[str, str]]:
+    """(conv, BN) pairs in the traced graph where the BN's only input is a conv used by nothing else."""
+    gm = torch.fx.symbolic_trace(model)
+    mods = dict(gm.named_modules())
+    pairs = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(mods[node.target], nn.BatchNorm2d):
+            continue
+        src = node.args[0]
+        if (
+            isinstance(src, torch.fx.Node)
+            and src.op == "call_module"
+            and isinstance(mods[src.target], nn.Conv2d)
+            and len(src.users) == 1
+        ):
+            pairs.add((src.target, node.target))
+    return pairs
+
+
+def owner(model: nn.Module, path: str) -> str:
+    """The closest enclosing module that declares fold pairs (a block, the stem, a shortcut)."""
+    parts = path.split(".")
+    for k in range(len(parts) - 1, -1, -1):
+        prefix = ".".join(parts[:k])
+        if hasattr(model.get_submodule(prefix), "fold_pairs"):
+            return prefix
+    return ""
+
+
+@pytest.mark.parametrize("name", [n for n, _ in FAMILY_MODELS])
+def test_declared_pairs_are_exactly_the_traced_conv_bn_pairs(name):
+    # A block that forgets a pair loses speed; one that lists a wrong pair computes something else.
+    model = create_model(name).eval()
+    declared = fold_pairs(model)
+    assert len(declared) == len(set(declared))
+    traced = traced_conv_bn_pairs(model)
+    across = {(c, b) for c, b in traced if owner(model, c) != owner(model, b)}
+    assert set(declared) == traced - across
+    # The one pair that spans two modules: a CIFAR pre-act stem (no pool) feeding a first block whose
+    # projection reads the normalised input. Folding it would tie the stem to the block; it is one BN.
+    if across:
+        assert across == {("stem.conv", "stages.0.0.bn1")} and model.spec.block.startswith("preact")
+
+
+@pytest.mark.parametrize(("name", "size"), FAMILY_MODELS)
+def test_folded_model_gives_the_same_logits(name, size):
+    model = make(name)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x)
+    fast = deploy(model, compile=False)
+    got = fast(x)
+    assert got.dtype == torch.float32
+    assert got.shape == want.shape
+    # Logits of order 1 or more make the 1e-4 bound a real test, not a vacuous one.
+    assert want.std() > 0.1
+    assert (got - want).abs().max().item() <= 1e-4
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    n_left = sum(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert n_bn - n_left == len(fold_pairs(model)) > 0
+
+
+def test_package_exports_deploy():
+    assert resnets.deploy is deploy
+
+
+def test_every_bn_of_a_post_activation_net_is_folded():
+    fast = deploy(make("resnet50"), compile=False)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert all(m.bias is not None for m in fast.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_preact_keeps_the_bns_that_precede_convs():
+    model = make("preact_resnet50")
+    fast = deploy(model, compile=False)
+    left = {n for n, m in fast.model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    # Each block's bn1 (before conv1) and the head's norm (after the last add) stay.
+    assert left == {f"stages.{s}.{i}.bn1" for s, d in enumerate((3, 4, 6, 3)) for i in range(d)} | {
+        "head.norm"
+    }
+
+
+def test_iresnet_end_block_bn_after_the_add_is_kept():
+    fast = deploy(make("iresnet18"), compile=False)
+    names = {n for n, m in fast.model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    # Stage s: block 0 is the start (bn2 folded), block 1 the end (bn2 after the add, kept).
+    assert {f"stages.{s}.1.bn2" for s in range(4)} <= names
+    assert not any(f"stages.{s}.0.bn2" in names for s in range(4))
+
+
+def test_deploy_leaves_the_original_untouched():
+    model = make("resnet18").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    deploy(model, compile=False)
+    assert model.training
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert isinstance(model.stages[0][0].bn1, nn.BatchNorm2d)
+
+
+def test_fold_needs_eval_mode():
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(create_model("resnet20").train())
+
+
+def test_folding_twice_is_harmless():
+    model = make("resnet20")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    assert fold_batchnorm(model) == len(fold_pairs(model)) > 0
+    assert fold_batchnorm(model) == 0
+    with torch.no_grad():
+        assert (model(x) - want).abs().max().item() <= 1e-4
+
+
+def test_deployed_model_is_inference_only():
+    fast = deploy(make("resnet20"), compile=False)
+    assert not fast.training
+    assert all(not p.requires_grad for p in fast.parameters())
+    with pytest.raises(RuntimeError, match="inference-only"):
+        fast.train()
+    out = fast(torch.randn(1, 3, 32, 32, requires_grad=True))
+    assert not out.requires_grad
+    assert fast.spec == create_model("resnet20").spec and fast.name == "resnet20"
+
+
+def test_channels_last_weights():
+    fast = deploy(make("resnet20"), compile=False)
+    conv = fast.model.stem.conv
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    flat = deploy(make("resnet20"), compile=False, channels_last=False)
+    assert flat.model.stem.conv.weight.is_contiguous()
+
+
+@pytest.mark.skipif(
+    not low_precision_supported(torch.bfloat16, torch.device("cpu")), reason="no native bf16 on this CPU"
+)
+def test_bfloat16_deploy_returns_float32_logits_close_to_float32():
+    model = make("resnet20")
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(x)
+    fast = deploy(model, dtype=torch.bfloat16, compile=False)
+    assert fast.model.stem.conv.weight.dtype == torch.bfloat16
+    got = fast(x)
+    assert got.dtype == torch.float32
+    # bf16 keeps 8 mantissa bits: a few percent of the logit scale, not 1e-4.
+    rel = (got - want).abs().max() / want.abs().max()
+    assert 0 < rel.item() < 0.1
+
+
+def test_unsupported_low_precision_warns_and_stays_float32(monkeypatch):
+    # `resnets.deploy` is the function (the package exports it), so patch the module object.
+    monkeypatch.setattr(sys.modules["resnets.deploy"], "low_precision_supported", lambda dtype, device: False)
+    with pytest.warns(RuntimeWarning, match="not supported natively"):
+        fast = deploy(make("resnet20"), dtype=torch.float16, compile=False)
+    assert fast.dtype == torch.float32
+
+
+def test_frozen_torchscript_fallback_matches():
+    model = make("resnet20")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    folded = deploy(model, compile=False).model
+    with torch.no_grad():
+        got = frozen_torchscript(folded, x.contiguous(memory_format=torch.channels_last))(x)
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_compile_failure_falls_back_to_torchscript(monkeypatch):
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = make("resnet20")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+    fast = deploy(model)
+    assert fast.backend == "pending"
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        got = fast(x)
+    assert fast.backend == "torchscript"
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+@pytest.mark.slow
+def test_compiled_deploy_matches_eager():
+    # Inductor compiles in tens of seconds on a small CPU, so this is a slow test.
+    model = make("resnet20")
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(x)
+    fast = deploy(model)
+    got = fast(x)
+    assert fast.backend == "inductor"
+    assert (got - want).abs().max().item() <= 1e-4
+    assert isinstance(fast, Deployed)

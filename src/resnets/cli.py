@@ -146,9 +146,36 @@ def cmd_info(args) -> int:
     return 0
 
 
+# --- bench ------------------------------------------------------------------------------------
+
+
+def add_bench_parser(sub) -> None:
+    from .bench import add_bench_arguments
+
+    p = sub.add_parser(
+        "bench",
+        help="measured latency, images/s and GFLOP/s next to the MACs; --peers: ours/torchvision-timm",
+        description="Warm up, then time until the spread is small; --peers times the torchvision / timm "
+        "network interleaved with ours, with the same weights where they map.",
+    )
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from .bench import BenchError, bench_from_args, format_report
+
+    try:
+        report = bench_from_args(args)
+    except BenchError as exc:
+        raise UserError(str(exc)) from None
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
 # --- main -------------------------------------------------------------------------------------
 
-PARSERS = [add_list_parser, add_info_parser]
+PARSERS = [add_list_parser, add_info_parser, add_bench_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -146,6 +146,90 @@ def cmd_info(args) -> int:
     return 0
 
 
+# --- train ------------------------------------------------------------------------------------
+
+
+def add_train_parser(sub) -> None:
+    from .config import add_config_arguments
+
+    p = sub.add_parser(
+        "train",
+        help="train a model; with no arguments resnet20 on the digits (about two minutes on a CPU)",
+        description="Train from a TOML recipe (--config) and flags; a flag overrides the recipe. "
+        "Writes config.toml, metrics.csv, last.ckpt, model.safetensors, curves.png and summary.json "
+        "into --out. Under torchrun every process trains its shard (DistributedDataParallel).",
+    )
+    p.add_argument("--config", metavar="RECIPE.toml", help="a recipe, e.g. configs/cifar10_resnet56.toml")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from .config import RUNTIME_FIELDS, given_fields, load_config
+    from .errors import ResnetsError
+    from .train import train
+
+    flags = given_fields(args)
+    if flags.get("resume"):
+        fixed = [k for k in flags if k not in RUNTIME_FIELDS]
+        if args.config or fixed:
+            what = "--config" if args.config else "--" + fixed[0].replace("_", "-")
+            raise UserError(f"--resume continues a run with its own recipe; {what} cannot change it")
+    try:
+        train(load_config(args.config, flags))
+    except ResnetsError as exc:
+        raise UserError(str(exc)) from None
+    return 0
+
+
+# --- eval -------------------------------------------------------------------------------------
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="top-1, top-5 and loss of a trained model on a test set")
+    p.add_argument(
+        "--checkpoint", required=True, metavar="PATH", help="a run's model.safetensors or last.ckpt"
+    )
+    p.add_argument("--data", help="digits, cifar10, cifar100 or folder:DIR (default: what it was trained on)")
+    p.add_argument("--data-dir", default="data", help="where cifar10/cifar100 live [data]")
+    p.add_argument("--cache-dir", default=None, help="where decoded datasets are cached")
+    p.add_argument("--tta", action="store_true", help="average over the image and its mirror image")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [cpu]")
+    p.add_argument("--workers", type=int, default=4, help="folder: DataLoader workers")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from .errors import ResnetsError
+    from .evaluate import evaluate_file
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    try:
+        r = evaluate_file(
+            args.checkpoint,
+            args.data,
+            data_dir=args.data_dir,
+            cache_dir=args.cache_dir,
+            tta=args.tta,
+            batch_size=args.batch_size,
+            device=args.device,
+            workers=args.workers,
+        )
+    except ResnetsError as exc:
+        raise UserError(str(exc)) from None
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(
+            f"{r['model']} on {r['data']} ({r['n']} test images{', flip TTA' if r['tta'] else ''}): "
+            f"top-1 {r['test_top1']:.4f}  top-5 {r['test_top5']:.4f}  loss {r['test_loss']:.4f}"
+        )
+    return 0
+
+
 # --- bench ------------------------------------------------------------------------------------
 
 
@@ -175,7 +259,7 @@ def cmd_bench(args) -> int:
 
 # --- main -------------------------------------------------------------------------------------
 
-PARSERS = [add_list_parser, add_info_parser, add_bench_parser]
+PARSERS = [add_list_parser, add_info_parser, add_train_parser, add_eval_parser, add_bench_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

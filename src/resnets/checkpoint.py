@@ -1,0 +1,147 @@
+"""Checkpoints and weight files, written atomically and read without unpickling arbitrary objects.
+
+`last.ckpt` is a plain dict of tensors, numbers, strings, lists and dicts (model, optimizer,
+schedule position, RNG states, spec, config, metrics), so `torch.load(..., weights_only=True)`
+reads it. `model.safetensors` holds the weights, with the model name and spec as JSON metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .models.net import NetSpec, ResNet
+
+CKPT_VERSION = 1
+# safetensors metadata values are strings; these keys hold JSON (the rest are plain strings).
+JSON_KEYS = ("spec", "mean", "std", "classes", "image_size")
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write through a temporary file in the same folder, fsync it, and rename it into place, so a
+    crash at any moment leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a folder; the file itself is already on disk
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    atomic_write(path, lambda f: torch.save({"version": CKPT_VERSION, **state}, f))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """A checkpoint written by `save_checkpoint`; never unpickles anything but plain data."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint ({first})") from None
+    if not isinstance(state, dict) or state.get("version") != CKPT_VERSION:
+        raise CheckpointError(f"{path} is not a resnets checkpoint (version {CKPT_VERSION})")
+    return state
+
+
+def spec_from_dict(d: dict) -> NetSpec:
+    from .registry import list_models
+
+    list_models()  # imports every family module, which registers the blocks a spec may name
+    names = {f.name for f in fields(NetSpec)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise CheckpointError(f"the stored spec has fields this version does not know: {', '.join(unknown)}")
+    try:
+        return NetSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"the stored spec is invalid: {exc}") from None
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """`load_state_dict(strict=True)` with an error that lists what is missing and unexpected."""
+    missing, unexpected = (
+        sorted(set(model.state_dict()) - set(state)),
+        sorted(set(state) - set(model.state_dict())),
+    )
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not match {getattr(model, 'name', 'the model')}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # shapes differ
+        raise CheckpointError(
+            f"{source} does not match the model: {str(exc).splitlines()[-1].strip()}"
+        ) from None
+
+
+def save_model_file(path: str | Path, model: ResNet, info: dict | None = None) -> None:
+    """Weights as safetensors, with `model` (name) and `spec` (JSON) in the metadata, plus `info`
+    (strings as they are, other values as JSON)."""
+    from safetensors.torch import save
+
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (info or {}).items()}
+    # The same four keys as resnets.weights.save_weights, so its load_model reads these files too.
+    meta.update(
+        format="resnets", layout="resnets", model=model.name or "", spec=json.dumps(asdict(model.spec))
+    )
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    blob = save(tensors, metadata=meta)
+    atomic_write(path, lambda f: f.write(blob))
+
+
+def load_model_file(path: str | Path) -> tuple[ResNet, dict]:
+    """A model from a run's `model.safetensors` or `last.ckpt` (EMA weights where the run kept
+    them), and the metadata that travels with it (name, normalisation, classes...)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except FileNotFoundError:
+            raise CheckpointError(f"weights file {path} does not exist") from None
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+        if "spec" not in meta:
+            raise CheckpointError(f"{path} has no model spec in its metadata; it was not written by resnets")
+        try:
+            meta.update({k: json.loads(meta[k]) for k in JSON_KEYS if k in meta})
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: metadata is not valid JSON ({exc})") from None
+    else:
+        ckpt = load_checkpoint(path)
+        state = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
+        meta = {"model": ckpt["model_name"], "spec": ckpt["spec"], **ckpt.get("data_info", {})}
+    model = ResNet(spec_from_dict(meta["spec"]), name=meta.get("model") or None)
+    load_state(model, state, str(path))
+    return model.eval(), meta

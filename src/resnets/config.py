@@ -1,0 +1,262 @@
+"""The training recipe: a frozen dataclass, read from a TOML file, then overridden by --flags.
+
+Every field is a recipe key and a flag (`batch_size` <-> `--batch-size`). Unknown keys, wrong
+types and values out of range raise `ConfigError` with the key named.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import sys
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SCHEDULES = ("step", "cosine", "onecycle", "constant")
+AMP_MODES = ("off", "bf16", "fp16")
+PAD_MODES = ("zeros", "reflect")
+# Fields that say how to run, not what to train: they may differ when a run is resumed.
+RUNTIME_FIELDS = ("out", "resume", "quiet", "workers", "eval_batch_size", "data_dir", "cache_dir", "download")
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. The defaults are the no-argument run: resnet20 on the digits, which
+    reaches >= 95% held-out accuracy in under two minutes on 2 CPU cores."""
+
+    # what to train on
+    model: str = _f("resnet20", "registered model name (`resnets list`)")
+    data: str = _f("digits", "digits, cifar10, cifar100 or folder:DIR")
+    data_dir: str = _f(
+        "data", "where cifar10/cifar100 live (python batches or train/ and test/ image folders)"
+    )
+    cache_dir: str | None = _f(None, "where decoded datasets are cached (default: next to the data)")
+    download: bool = _f(True, "download cifar10/cifar100 when absent")
+    train_subset: int = _f(0, "train on a fixed random subset of this many images (0 = all)")
+    test_subset: int = _f(0, "evaluate on a fixed random subset of this many images (0 = all)")
+    image_size: int = _f(224, "folder: training crop size")
+    workers: int = _f(4, "folder: DataLoader worker processes")
+    # model options (applied on top of the registered spec)
+    dropout: float = _f(0.0, "dropout between the convs of wide blocks (WRN)")
+    drop_path: float = _f(0.0, "stochastic depth rate at the last block")
+    zero_init_last: bool = _f(False, "start every residual branch at zero")
+    # optimisation
+    epochs: int = _f(15, "training epochs")
+    batch_size: int = _f(64, "images per optimizer step, over all processes")
+    accum_steps: int = _f(1, "split each step into this many micro-batches (gradient accumulation)")
+    lr: float = _f(0.2, "peak learning rate")
+    momentum: float = _f(0.9, "SGD momentum")
+    nesterov: bool = _f(True, "Nesterov momentum")
+    weight_decay: float = _f(5e-4, "L2 weight decay")
+    wd_norm_bias: bool = _f(False, "also decay BN weights and biases (the papers' code did)")
+    schedule: str = _f("onecycle", "step, cosine, onecycle or constant")
+    warmup_epochs: float = _f(3.0, "linear warm-up from 0 (onecycle: the rising half)")
+    milestones: tuple[int, ...] = _f((), "step schedule: epochs at which lr is multiplied by gamma")
+    gamma: float = _f(0.1, "step schedule factor")
+    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy")
+    ema_decay: float = _f(0.0, "exponential moving average of the weights (0 = off, e.g. 0.999)")
+    # augmentation and evaluation
+    padding: int = _f(4, "random crop after padding by this many pixels (0 = off)")
+    pad_mode: str = _f("zeros", "zeros or reflect")
+    flip: bool | None = _f(None, "random horizontal flip (default: where the dataset allows it)")
+    cutout: int = _f(0, "cutout square side in pixels (0 = off)")
+    tta: bool = _f(False, "evaluate on the image and its mirror image")
+    eval_batch_size: int = _f(500, "evaluation batch size")
+    # how to run
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    amp: str = _f("off", "mixed precision: off, bf16 (CPU and GPU) or fp16 (GPU, with loss scaling)")
+    channels_last: bool = _f(False, "NHWC memory layout")
+    compile: bool = _f(False, "torch.compile the model")
+    deterministic: bool = _f(False, "deterministic kernels (bit-exact reruns and resumes)")
+    sync_bn: bool = _f(False, "synchronise batch norm across processes (GPU)")
+    seed: int = _f(0, "random seed (initialisation, data order, augmentation)")
+    out: str | None = _f(None, "output folder (default: runs/<model>-<data>, numbered if taken)")
+    resume: bool = _f(False, "continue the run in --out from its last.ckpt")
+    quiet: bool = _f(False, "one line per epoch instead of a progress bar")
+
+    def __post_init__(self):
+        _check_types(self)
+        positive = ("epochs", "batch_size", "accum_steps", "image_size", "eval_batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in (
+            "train_subset",
+            "test_subset",
+            "workers",
+            "padding",
+            "cutout",
+            "weight_decay",
+            "warmup_epochs",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        for name in ("momentum", "label_smoothing", "ema_decay", "dropout", "drop_path"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.gamma <= 0:
+            raise ConfigError(f"gamma must be positive, got {self.gamma}")
+        for name, allowed in (("schedule", SCHEDULES), ("amp", AMP_MODES), ("pad_mode", PAD_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.batch_size % self.accum_steps:
+            raise ConfigError(
+                f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}"
+            )
+        if self.schedule == "step" and not self.milestones:
+            raise ConfigError("the step schedule needs milestones, e.g. milestones = [82, 123]")
+        if list(self.milestones) != sorted(set(self.milestones)) or any(m < 1 for m in self.milestones):
+            raise ConfigError(f"milestones must be increasing positive epochs, got {list(self.milestones)}")
+        if self.warmup_epochs >= self.epochs and self.schedule != "constant":
+            raise ConfigError(
+                f"warmup_epochs ({self.warmup_epochs}) must be shorter than epochs ({self.epochs})"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_toml(self) -> str:
+        """The config as TOML (unset optional fields are left out, as TOML has no null)."""
+        lines = [f"{k} = {_toml_value(v)}" for k, v in asdict(self).items() if v is not None]
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # JSON's string escapes are all valid TOML basic-string escapes
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+def field_types() -> dict[str, object]:
+    """Field name -> its type (`int`, `float`, `str`, `bool`, `tuple`), optional types unwrapped."""
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for name, t in hints.items():
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        out[name] = tuple if typing.get_origin(t) is tuple else (args[0] if args else t)
+    return out
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    for name, t in field_types().items():
+        v = getattr(cfg, name)
+        default = next(f.default for f in fields(TrainConfig) if f.name == name)
+        if v is None and default is None:
+            continue
+        ok = {
+            bool: isinstance(v, bool),
+            int: isinstance(v, int) and not isinstance(v, bool),
+            float: isinstance(v, (int, float)) and not isinstance(v, bool),
+            str: isinstance(v, str),
+            tuple: isinstance(v, tuple) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+        }[t]
+        if not ok:
+            kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+            raise ConfigError(f"{name} must be {kind.get(t, 'a list of integers')}, got {v!r}")
+
+
+def from_dict(values: dict, source: str = "config") -> TrainConfig:
+    """A config from plain values (a TOML table, flags, a checkpoint); unknown keys are errors."""
+    valid = [f.name for f in fields(TrainConfig)]
+    unknown = [k for k in values if k not in valid]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, valid, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(valid)}"
+        raise ConfigError(f"unknown key {k!r} in {source}{hint}")
+    values = dict(values)
+    for k, v in values.items():
+        if field_types()[k] is tuple and isinstance(v, list):
+            values[k] = tuple(v)
+        elif field_types()[k] is float and isinstance(v, int) and not isinstance(v, bool):
+            values[k] = float(v)
+    try:
+        return TrainConfig(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def read_toml(path: str | Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"recipe {path} does not exist (see configs/ for the shipped ones)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Defaults, then the recipe at `path`, then `overrides` (the flags given on the command line)."""
+    values = read_toml(path) if path else {}
+    nested = [k for k, v in values.items() if isinstance(v, dict)]
+    if nested:
+        raise ConfigError(f"{path}: tables are not part of a recipe ([{nested[0]}]); use plain keys")
+    cfg = from_dict(values, str(path) if path else "config")
+    if overrides:
+        cfg = from_dict(
+            {**{k: v for k, v in asdict(cfg).items() if v is not None}, **overrides}, "command line"
+        )
+    return cfg
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.replace(",", " ").split())
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+
+
+_int_list.__name__ = "integer list"  # argparse names the type in its error: "invalid integer list value"
+
+
+def add_config_arguments(parser) -> None:
+    """One flag per field (`batch_size` -> `--batch-size`). Defaults are suppressed, so the parsed
+    namespace holds only the flags actually given: those override the recipe."""
+    import argparse
+
+    types = field_types()
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        t = types[f.name]
+        default = "unset" if f.default is None else f.default
+        help = f"{f.metadata['help']} [{default}]"
+        if t is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help
+            )
+        elif t is tuple:
+            parser.add_argument(flag, type=_int_list, default=argparse.SUPPRESS, metavar="N,N", help=help)
+        else:
+            parser.add_argument(
+                flag, type=t, default=argparse.SUPPRESS, metavar=t.__name__.upper(), help=help
+            )
+
+
+def given_fields(namespace) -> dict:
+    """The config fields present in an argparse namespace built by `add_config_arguments`."""
+    names = {f.name for f in fields(TrainConfig)}
+    return {k: v for k, v in vars(namespace).items() if k in names}

@@ -257,9 +257,76 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# --- convert / export -------------------------------------------------------------------------
+
+
+def add_convert_parser(sub) -> None:
+    from .convert import LAYOUTS
+
+    p = sub.add_parser(
+        "convert",
+        help="convert weights between layouts: ours, torchvision, timm, official iResNet / Res2Net, mmpretrain",
+        description="Reads SRC in any supported layout (recognised from its keys, wrappers removed), checks "
+        "it against the model and writes DST in the --to layout; DST's extension picks the format "
+        "(.safetensors, or .pth/.pt/.bin for a torch.save'd state dict). Only tensors are ever unpickled.",
+    )
+    p.add_argument("src", help="weights file (.pth, .pt, .bin, .safetensors)")
+    p.add_argument("dst", help="output file (.safetensors, .pth, .pt or .bin)")
+    p.add_argument("--model", help="registered model name; needed when SRC does not record it")
+    p.add_argument("--to", default="resnets", choices=list(LAYOUTS), help="layout of DST [resnets]")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> int:
+    from .errors import ResnetsError
+    from .weights import convert_file
+
+    try:
+        r = convert_file(args.src, args.dst, args.model, args.to)
+    except ResnetsError as exc:
+        raise UserError(str(exc)) from None
+    print(f"{r['model']}: {r['tensors']} tensors, {r['from']} -> {r['to']} layout, written to {r['dst']}")
+    return 0
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a model as ONNX or TorchScript with a dynamic batch dimension")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("out", help="output file")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--weights", metavar="PATH", help="weights to export, in any supported layout")
+    p.add_argument("--input-size", type=int, default=None, help="example input size (default: the paper's)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from .errors import ResnetsError
+    from .export import build_for_export, export
+
+    size = args.input_size or get_entry(args.name).input_size
+    if size < 1:
+        raise UserError(f"--input-size must be positive, got {size}")
+    try:
+        r = export(build_for_export(args.name, args.weights), args.out, args.format, size)
+    except ResnetsError as exc:
+        raise UserError(str(exc)) from None
+    except (RuntimeError, OSError) as exc:  # e.g. an unwritable OUT, an input too small for the net
+        raise UserError(f"cannot export {args.name}: {str(exc).strip().splitlines()[0]}") from None
+    print(f"{args.name}: {r['format']} written to {r['out']} (input {'x'.join(map(str, r['input']))})")
+    return 0
+
+
 # --- main -------------------------------------------------------------------------------------
 
-PARSERS = [add_list_parser, add_info_parser, add_train_parser, add_eval_parser, add_bench_parser]
+PARSERS = [
+    add_list_parser,
+    add_info_parser,
+    add_train_parser,
+    add_eval_parser,
+    add_bench_parser,
+    add_convert_parser,
+    add_export_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,204 @@
+"""What the input pipeline costs: resnet20 at batch 128 on the CIFAR-10 copy, in one process.
+
+Four loops train the same network with the same optimizer, interleaved round by round so a
+change in machine load hits all of them alike:
+
+- bare: forward, backward and step on batches made before the clock starts (no data work at all);
+- ours: `resnets.train.train()` itself (in-memory uint8 data, batched crop/flip, normalisation,
+  progress bar, loss bookkeeping), timed by its own per-epoch images/s on a warm second epoch;
+- torchvision ImageFolder + DataLoader with per-image transforms (RandomCrop(32, padding=4),
+  RandomHorizontalFlip, ToTensor, Normalize), with 0 and with 2 worker processes.
+
+Prints images/s and the ratios to the bare loop; writes them with the machine and versions to
+benchmarks/results/. Usage: python benchmarks/train_loop.py [--data-dir data/cifar10-jpeg]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from resnets import create_model
+from resnets.config import from_dict
+from resnets.data import load_data
+from resnets.train import train
+
+BATCH = 128
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def _model_and_opt(seed: int = 0):
+    torch.manual_seed(seed)
+    model = create_model("resnet20", num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    return model.train(), opt
+
+
+def _step(model, opt, x, y) -> None:
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def _timed(model, opt, batches, warmup: int) -> float:
+    """images/s over the batches after the first `warmup` ones."""
+    t0, seen = None, 0
+    for i, (x, y) in enumerate(batches):
+        if i == warmup:
+            t0 = time.perf_counter()
+        _step(model, opt, x, y)
+        if t0 is not None:
+            seen += len(y)
+    return seen / (time.perf_counter() - t0)
+
+
+def bare(data, steps: int, warmup: int) -> float:
+    model, opt = _model_and_opt()
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(warmup + steps):  # made before the clock starts
+        idx = torch.randint(0, data.num_train, (BATCH,), generator=g)
+        x = (data.train_x[idx].float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(
+            1, 3, 1, 1
+        )
+        batches.append((x.contiguous(), data.train_y[idx]))
+    return _timed(model, opt, batches, warmup)
+
+
+def ours(data_dir: Path, steps: int) -> float:
+    with tempfile.TemporaryDirectory() as out:
+        cfg = from_dict(
+            {
+                "model": "resnet20",
+                "data": "cifar10",
+                "data_dir": str(data_dir),
+                "batch_size": BATCH,
+                "epochs": 2,
+                "warmup_epochs": 0.5,
+                "lr": 0.05,
+                "flip": True,
+                "train_subset": steps * BATCH,
+                "test_subset": 256,
+                "out": out,
+            }
+        )
+        # The progress bar is part of the loop being measured; its text goes nowhere.
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            train(cfg)
+        with open(Path(out) / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+    return float(rows[1]["images_per_s"])  # epoch 2: warm (train loop only, not the evaluation)
+
+
+def torchvision_loader(data_dir: Path, steps: int, warmup: int, workers: int) -> float:
+    from torch.utils.data import DataLoader, RandomSampler
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
+    ds = datasets.ImageFolder(str(data_dir / "train"), transform=tf)
+    sampler = RandomSampler(
+        ds, num_samples=(warmup + steps) * BATCH, generator=torch.Generator().manual_seed(0)
+    )
+    loader = DataLoader(ds, batch_size=BATCH, sampler=sampler, num_workers=workers, drop_last=True)
+    model, opt = _model_and_opt()
+    return _timed(model, opt, loader, warmup)
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import numpy
+    import torchvision
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=Path("data/cifar10-jpeg"), help="CIFAR-10 image tree")
+    p.add_argument("--steps", type=int, default=40, help="timed steps per loop and round")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before each timing")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = p.parse_args(argv)
+    if not (args.data_dir / "train").is_dir():
+        print(
+            f"error: no CIFAR-10 image tree at {args.data_dir} (extract cifar10-jpeg.tar.gz there)",
+            file=sys.stderr,
+        )
+        return 2
+    data = load_data("cifar10", args.data_dir)  # decodes once into the cache, before any timing
+    loops = {
+        "bare": lambda: bare(data, args.steps, args.warmup),
+        "ours": lambda: ours(args.data_dir, args.steps),
+        "torchvision_0_workers": lambda: torchvision_loader(args.data_dir, args.steps, args.warmup, 0),
+        "torchvision_2_workers": lambda: torchvision_loader(args.data_dir, args.steps, args.warmup, 2),
+    }
+    runs: dict[str, list[float]] = {k: [] for k in loops}
+    for r in range(args.rounds):
+        for name, loop in loops.items():
+            runs[name].append(round(loop(), 1))
+            print(f"round {r + 1}: {name:22s} {runs[name][-1]:7.1f} images/s", flush=True)
+    median = {k: statistics.median(v) for k, v in runs.items()}
+    ratios = {f"{k}_vs_bare": round(median[k] / median["bare"], 3) for k in loops if k != "bare"}
+    ratios["ours_vs_torchvision_0_workers"] = round(median["ours"] / median["torchvision_0_workers"], 3)
+    ratios["ours_vs_torchvision_2_workers"] = round(median["ours"] / median["torchvision_2_workers"], 3)
+    result = {
+        "benchmark": "train_loop",
+        "model": "resnet20",
+        "batch_size": BATCH,
+        "steps_per_round": args.steps,
+        "rounds": args.rounds,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "load_average_1min_at_end": os.getloadavg()[0],
+        "images_per_s": runs,
+        "median_images_per_s": median,
+        "ratios": ratios,
+    }
+    for k, v in ratios.items():
+        print(f"{k:32s} {v:.3f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"train_loop_{datetime.now():%Y%m%d_%H%M%S}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""Studies that check the papers' claims on a user's own models and data.
+
+Each study is a function returning its numbers as a dict; given `out_dir`, it also writes
+`<study>.json` and `<study>.png` there. `resnets analyze <study>` runs them from the shell.
+"""
+
+from .common import PALETTE, StudyError
+from .erf import receptive_field
+from .shortcut_coverage import shortcut
+from .signal_propagation import signal
+
+__all__ = ["PALETTE", "StudyError", "receptive_field", "shortcut", "signal"]

@@ -1,0 +1,206 @@
+"""What every study shares: one colour per family, model building, block lists, output files."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ResnetsError
+from ..models import iresnet as _iresnet  # noqa: F401  (registers the ibasic block used below)
+from ..models.net import NetSpec, ResNet
+from ..registry import create_model, get_entry
+
+
+class StudyError(ResnetsError):
+    """A mistake in what a study was asked to do (bad stage, no residual block, missing data)."""
+
+
+# One colour per family, used by every figure, so a family looks the same across studies.
+PALETTE: dict[str, str] = {
+    "plain": "#7f7f7f",
+    "resnet": "#1f77b4",
+    "preact_resnet": "#ff7f0e",
+    "wide_resnet": "#9467bd",
+    "resnext": "#8c564b",
+    "res2net": "#2ca02c",
+    "iresnet": "#d62728",
+}
+
+_FAMILY_OF_BLOCK = {
+    "basic": "resnet",
+    "bottleneck": "resnet",
+    "preact_basic": "preact_resnet",
+    "preact_bottleneck": "preact_resnet",
+    "res2net": "res2net",
+    "ibasic": "iresnet",
+    "ibottleneck": "iresnet",
+}
+
+# A CIFAR-sized iResNet is not among the paper's networks (its experiments are ImageNet and
+# video), so it is not registered. This one is resnet110 with iResNet blocks and max-pool
+# shortcuts: the same stem (3x3 conv-BN-ReLU), widths and depths, so that a comparison with
+# resnet110 and preact_resnet110 differs in the block design only.
+EXTRA_SPECS: dict[str, NetSpec] = {
+    "iresnet110_cifar": NetSpec(
+        "ibasic",
+        (18, 18, 18),
+        (16, 32, 64),
+        strides=(1, 2, 2),
+        stem="cifar",
+        stem_width=16,
+        shortcut="maxpool",
+        num_classes=10,
+    ),
+}
+
+
+def family_of(model: nn.Module) -> str:
+    """The family a model is drawn in: its registry family, or "plain" when it has no shortcuts."""
+    spec = model.spec
+    if spec.shortcut == "none":
+        return "plain"
+    name = getattr(model, "name", None)
+    if name and name not in EXTRA_SPECS:
+        try:
+            return get_entry(name).family
+        except KeyError:
+            pass
+    return _FAMILY_OF_BLOCK.get(spec.block, "resnet")
+
+
+def shades(family: str, n: int) -> list[tuple[float, float, float]]:
+    """n shades of a family's colour, lightest first: deeper nets of one family get darker lines."""
+    from matplotlib.colors import to_rgb
+
+    base = to_rgb(PALETTE.get(family, "#000000"))
+    if n == 1:
+        return [base]
+    out = []
+    for i in range(n):
+        t = 0.55 * (1 - i / (n - 1))  # 0.55 = lightest mix with white, so thin lines stay visible
+        out.append(tuple(c + (1 - c) * t for c in base))
+    return out
+
+
+def colours_for(names: list[str], families: list[str]) -> dict[str, tuple[float, float, float]]:
+    """A colour per model: the family's, darker for later (deeper) members of the same family."""
+    out = {}
+    for fam in dict.fromkeys(families):
+        members = [n for n, f in zip(names, families) if f == fam]
+        for n, c in zip(members, shades(fam, len(members))):
+            out[n] = c
+    return out
+
+
+def build_model(name: str, **overrides) -> ResNet:
+    """A registered model, or one of the analysis-only specs in EXTRA_SPECS."""
+    if name in EXTRA_SPECS:
+        from dataclasses import replace
+
+        return ResNet(replace(EXTRA_SPECS[name], **overrides), name=name)
+    return create_model(name, **overrides)
+
+
+def input_size_of(model: ResNet) -> int:
+    """The model's native input size: 32 for a CIFAR stem, else the registry's (224)."""
+    if model.spec.stem == "cifar":
+        return 32
+    name = getattr(model, "name", None)
+    try:
+        return get_entry(name).input_size if name else 224
+    except KeyError:
+        return 224
+
+
+def residual_blocks(model: ResNet) -> Iterator[tuple[str, nn.Module]]:
+    """("stage.index", block) for every block of the network, in forward order."""
+    for s, stage in enumerate(model.stages):
+        for i, block in enumerate(stage):
+            yield f"{s}.{i}", block
+
+
+@torch.no_grad()
+def calibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 64) -> nn.Module:
+    """Set every BatchNorm's running statistics to those of `x`, then switch to eval mode.
+
+    A freshly initialised net in eval mode normalises with mean 0 / variance 1, which is not what
+    it sees in training; with statistics of real inputs, each image's gradients are independent of
+    the rest of the batch (unlike train mode) and still match what training would see.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    for chunk in x.split(batch_size):
+        model(chunk)
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    return model.eval()
+
+
+def radius_holding(mass: torch.Tensor, share: float = 0.9) -> float:
+    """Smallest Euclidean radius (pixels) about the mass centroid whose disc holds `share` of the mass."""
+    m = mass.double() / mass.sum()
+    h, w = m.shape
+    ys = torch.arange(h, dtype=torch.float64).view(-1, 1)
+    xs = torch.arange(w, dtype=torch.float64).view(1, -1)
+    cy, cx = (m * ys).sum(), (m * xs).sum()
+    dist = ((ys - cy) ** 2 + (xs - cx) ** 2).sqrt().flatten()
+    order = dist.argsort()
+    cum = m.flatten()[order].cumsum(0)
+    k = int(torch.searchsorted(cum, torch.tensor(share, dtype=torch.float64) - 1e-12))
+    return float(dist[order][min(k, len(order) - 1)])
+
+
+def support_box(mass: torch.Tensor, rel_eps: float = 0.0) -> tuple[int, int]:
+    """(height, width) of the bounding box of the entries above rel_eps * max (0: every nonzero)."""
+    nz = (mass > rel_eps * mass.max()).nonzero()
+    if len(nz) == 0:
+        return 0, 0
+    (y0, x0), (y1, x1) = nz.min(0).values.tolist(), nz.max(0).values.tolist()
+    return y1 - y0 + 1, x1 - x0 + 1
+
+
+def write_outputs(out_dir: str | Path, study: str, numbers: dict, fig) -> dict[str, str]:
+    """Write `<study>.json` and `<study>.png` into out_dir; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / f"{study}.json", out / f"{study}.png"
+    json_path.write_text(json.dumps(_jsonable(numbers), indent=1) + "\n")
+    fig.savefig(png_path, dpi=120, bbox_inches="tight")
+    pyplot().close(fig)
+    return {"json": str(json_path), "figure": str(png_path)}
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return _jsonable(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None  # JSON has no NaN / inf
+    return x
+
+
+def pyplot():
+    """matplotlib.pyplot drawing off-screen: studies run on servers without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.4, 4.2), **kw):
+    """(figure, 2-D array of axes): nrows x ncols panels, each `size` inches."""
+    return pyplot().subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False, **kw)

@@ -5,8 +5,20 @@ Each study is a function returning its numbers as a dict; given `out_dir`, it al
 """
 
 from .common import PALETTE, StudyError
+from .degradation_curves import degradation
 from .erf import receptive_field
+from .grad_cam import gradcam
+from .lesioning import lesion
 from .shortcut_coverage import shortcut
 from .signal_propagation import signal
 
-__all__ = ["PALETTE", "StudyError", "receptive_field", "shortcut", "signal"]
+__all__ = [
+    "PALETTE",
+    "StudyError",
+    "degradation",
+    "gradcam",
+    "lesion",
+    "receptive_field",
+    "shortcut",
+    "signal",
+]

@@ -1,0 +1,217 @@
+"""Degradation (He et al. 2015, Fig. 1 and 6): deeper plain nets train worse; residual nets do not.
+
+Every net is trained with the same recipe by `resnets.train`, and the per-epoch training error
+(on the augmented batches, in train mode, as the paper's thin curves) and test error are plotted
+against epochs. The claim holds when the deeper plain net has the *higher training* error (so
+it is an optimisation problem, not overfitting) while the deeper residual net has the lower one.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from ..registry import create_model
+from .common import StudyError, colours_for, family_of, new_figure, write_outputs
+
+DEFAULT_MODELS = ("plain20", "plain56", "resnet20", "resnet56")
+
+# The paper's CIFAR recipe (SGD, momentum 0.9, no Nesterov, weight decay 1e-4 on every
+# parameter, lr 0.1, pad-4 crop + flip) before its first learning-rate drop: a short run sees
+# the constant-lr start of Fig. 6. The default is sized for 2 CPU cores in a few minutes (48
+# steps of 32 images per net), so it shows the first steps only; batch 32 gives the small
+# subset more steps than the paper's 128.
+QUICK = dict(
+    epochs=3,
+    train_subset=512,
+    test_subset=500,
+    batch_size=32,
+    lr=0.1,
+    momentum=0.9,
+    nesterov=False,
+    weight_decay=1e-4,
+    wd_norm_bias=True,
+    schedule="constant",
+    warmup_epochs=0.0,
+    padding=4,
+    flip=True,
+)
+# The paper's full schedule: 64k iterations of batch 128 = 164 epochs, lr / 10 at 32k and 48k.
+FULL = QUICK | dict(
+    epochs=164, train_subset=0, test_subset=0, batch_size=128, schedule="step", milestones=(82, 123)
+)
+
+
+def degradation(
+    models: tuple[str, ...] | list[str] = DEFAULT_MODELS,
+    data_dir: str | Path = "data/cifar10-jpeg",
+    full: bool = False,
+    overrides: dict | None = None,
+    seed: int = 0,
+    out_dir: str | Path = "runs/analysis",
+) -> dict:
+    """Train each model with one recipe (QUICK, or FULL for the paper's schedule; `overrides`
+    changes any TrainConfig field) and collect per-epoch training and test error.
+
+    The training runs go to `<out_dir>/degradation_runs/<model>`; their `model.safetensors` can be
+    fed to the lesion and gradcam studies. A run already there with the same recipe is resumed
+    (an interrupted run finishes, a finished one is only read). Returns {"recipe", "models":
+    {name: {"family", "train_err", "test_err", "final_train_loss", "final_train_err",
+    "final_test_err", "run"}}, "verdict"}.
+    """
+    from ..config import TrainConfig
+    from ..train import train
+
+    recipe = (FULL if full else QUICK) | dict(overrides or {})
+    runs = Path(out_dir) / "degradation_runs"
+    result: dict = {
+        "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()},
+        "seed": seed,
+        "models": {},
+    }
+    for name in models:
+        try:
+            cfg = TrainConfig(
+                **recipe,
+                model=name,
+                data="cifar10",
+                data_dir=str(data_dir),
+                download=False,
+                seed=seed,
+                quiet=True,
+            )
+        except TypeError as exc:
+            raise StudyError(f"unknown training option in the recipe: {exc}") from None
+        run = runs / name
+        cfg = replace(cfg, out=str(run), resume=_same_run(run, cfg))
+        summary = train(cfg)
+        rows = _metrics(run / "metrics.csv")
+        result["models"][name] = {
+            "family": family_of(create_model(name)),
+            "epochs": [r["epoch"] for r in rows],
+            "train_err": [1 - r["train_top1"] for r in rows],
+            "test_err": [1 - r["test_top1"] for r in rows],
+            "train_loss": [r["train_loss"] for r in rows],
+            "final_train_loss": rows[-1]["train_loss"],
+            "final_train_err": 1 - rows[-1]["train_top1"],
+            "final_test_err": 1 - rows[-1]["test_top1"],
+            "time_s": summary["time_s"],
+            "run": str(run),
+        }
+    result["verdict"] = verdict(result)
+    result["files"] = write_outputs(out_dir, "degradation", result, plot(result))
+    return result
+
+
+def _same_run(run: Path, cfg) -> bool:
+    """Whether `run` holds a run of exactly this recipe (resume it); False when it holds none.
+
+    A run of another recipe is an error rather than overwritten or silently mixed in.
+    """
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    if not (run / "last.ckpt").exists():
+        return False
+    stored = tomllib.loads((run / "config.toml").read_text())
+    from ..config import RUNTIME_FIELDS
+
+    differ = [
+        k for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS and _plain(stored.get(k)) != _plain(v)
+    ]
+    if differ:
+        raise StudyError(
+            f"{run} holds a run with another recipe ({', '.join(differ)} differ); pass another --out"
+        )
+    return True
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _metrics(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [
+            {k: float(v) if k != "epoch" else int(v) for k, v in row.items()} for row in csv.DictReader(f)
+        ]
+
+
+def _depth(name: str) -> int:
+    digits = "".join(c if c.isdigit() else " " for c in name).split()
+    return int(digits[0]) if digits else 0
+
+
+def verdict(result: dict) -> dict:
+    """Per family, whether the deepest net ends with a higher training error than the shallowest."""
+    out = {}
+    by_family: dict[str, list[str]] = {}
+    for name, e in result["models"].items():
+        by_family.setdefault(e["family"], []).append(name)
+    for family, names in by_family.items():
+        if len(names) < 2:
+            continue
+        shallow, deep = min(names, key=_depth), max(names, key=_depth)
+        a, b = result["models"][shallow], result["models"][deep]
+        out[family] = {
+            "shallow": shallow,
+            "deep": deep,
+            "deeper_trains_worse": b["final_train_err"] > a["final_train_err"],
+            "train_err_gap": b["final_train_err"] - a["final_train_err"],
+        }
+    return out
+
+
+def plot(result: dict):
+    names = sorted(result["models"], key=_depth)
+    colours = colours_for(names, [result["models"][n]["family"] for n in names])
+    families = list(dict.fromkeys(result["models"][n]["family"] for n in names))
+    fig, axes = new_figure(1, len(families), size=(6.0, 4.4), sharey=True)
+    for ax, family in zip(axes[0], families):  # one panel per family, as the paper's Fig. 6
+        for name in names:
+            e = result["models"][name]
+            if e["family"] == family:
+                style = dict(color=colours[name])
+                ax.plot(
+                    e["epochs"],
+                    [100 * v for v in e["train_err"]],
+                    "--",
+                    lw=1.2,
+                    label=f"{name} train",
+                    **style,
+                )
+                ax.plot(
+                    e["epochs"], [100 * v for v in e["test_err"]], "-", lw=2.2, label=f"{name} test", **style
+                )
+        ax.set_title(f"{family} nets", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("top-1 error (%)")
+    r = result["recipe"]
+    subset = f"{r['train_subset']} training images" if r.get("train_subset") else "all training images"
+    fig.suptitle(
+        f"CIFAR-10 training (dashed) and test (solid) error with one recipe: {subset}, batch {r['batch_size']}, "
+        f"lr {r['lr']}, {r['schedule']} schedule",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def table(result: dict) -> tuple[list[str], list[list[str]]]:
+    rows = [
+        [
+            name,
+            f"{e['final_train_loss']:.3f}",
+            f"{100 * e['final_train_err']:.1f}",
+            f"{100 * e['final_test_err']:.1f}",
+            f"{e['time_s']:.0f}",
+        ]
+        for name, e in result["models"].items()
+    ]
+    return ["model", "final train loss", "train error %", "test error %", "time s"], rows

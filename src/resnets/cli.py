@@ -257,6 +257,27 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# --- analyze ----------------------------------------------------------------------------------
+
+
+def add_analyze_parser(sub) -> None:
+    from .analysis.commands import add_study_parsers
+
+    p = sub.add_parser(
+        "analyze",
+        help="check the papers' claims: signal, receptive-field, shortcut, gradcam, lesion, degradation",
+        description="Each study writes <study>.json and <study>.png into --out and prints a table.",
+    )
+    add_study_parsers(p)
+    p.set_defaults(func=cmd_analyze)
+
+
+def cmd_analyze(args) -> int:
+    from .analysis.commands import run_study
+
+    return run_study(args)
+
+
 # --- convert / export -------------------------------------------------------------------------
 
 
@@ -324,6 +345,7 @@ PARSERS = [
     add_train_parser,
     add_eval_parser,
     add_bench_parser,
+    add_analyze_parser,
     add_convert_parser,
     add_export_parser,
 ]

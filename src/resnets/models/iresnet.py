@@ -63,12 +63,13 @@ class _IBlock(nn.Module):
             if self.relu_shortcut:
                 x = inp
         else:
-            inp = torch.relu(self.bn0(x))
+            inp = torch.relu_(self.bn0(x))  # the BN output is fresh: no second buffer
         last_bn = getattr(self, f"bn{self.n_convs}")
         out = self.branch(inp)
         if self.start:
             out = last_bn(out)
-        out = self.drop_path(out) + self.shortcut(x)
+        out = self.drop_path(out)
+        out += self.shortcut(x)  # the branch output is fresh: add in place, no new buffer
         if self.end:
             out = self.act(last_bn(out))
         return out

@@ -28,9 +28,12 @@ class _PreAct(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = torch.relu(self.bn1(x))
+        # In place, as timm's BN-act: the BN output is fresh, and ReLU's backward needs only its result.
+        pre = torch.relu_(self.bn1(x))
         shortcut = self.shortcut(pre) if self.project else x
-        return self.drop_path(self.branch(pre)) + shortcut
+        out = self.drop_path(self.branch(pre))
+        out += shortcut  # `out` is the branch's fresh conv output: no new buffer needed
+        return out
 
 
 @register_block("preact_basic")

@@ -69,7 +69,10 @@ class Res2NetBottleneck(nn.Module):
         if self.se is not None:
             out = self.se(out)
         if self.shortcut is not None:
-            out = self.drop_path(out) + self.shortcut(x)
+            # In place, as torchvision/timm: `out` is this block's fresh tensor that no backward needs;
+            # an out-of-place add would allocate one more activation-sized buffer per block.
+            out = self.drop_path(out)
+            out += self.shortcut(x)
         return self.act(out)
 
 

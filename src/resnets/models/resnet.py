@@ -36,7 +36,10 @@ class BasicBlock(nn.Module):
         out = self.act(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         if self.shortcut is not None:
-            out = self.drop_path(out) + self.shortcut(x)
+            # In place, as torchvision/timm: `out` is this block's fresh tensor that no backward needs;
+            # an out-of-place add would allocate one more activation-sized buffer per block.
+            out = self.drop_path(out)
+            out += self.shortcut(x)
         return self.act(out)
 
 
@@ -78,7 +81,10 @@ class Bottleneck(nn.Module):
         if self.se is not None:
             out = self.se(out)
         if self.shortcut is not None:
-            out = self.drop_path(out) + self.shortcut(x)
+            # In place, as torchvision/timm: `out` is this block's fresh tensor that no backward needs;
+            # an out-of-place add would allocate one more activation-sized buffer per block.
+            out = self.drop_path(out)
+            out += self.shortcut(x)
         return self.act(out)
 
 

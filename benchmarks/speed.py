@@ -295,16 +295,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--out", type=Path, default=None, help="results file [benchmarks/results/speed_<device>.json]"
     )
+    p.add_argument(
+        "--table", action="store_true", help="print the results file as a Markdown table, run nothing"
+    )
     args = p.parse_args(argv)
 
     dev = torch.device(args.device)
+    out_path = args.out or RESULTS / f"speed_{dev.type}.json"
+    if args.table:
+        print(markdown_table(json.loads(out_path.read_text())))
+        return 0
     parts = args.only or [p for p in PARTS if p != "agree"]
     args.timing = (
         {"min_repeats": 3, "max_seconds": 6.0} if args.quick else {"min_repeats": 7, "max_seconds": 40.0}
     )
     candidates = [torch.float32, torch.bfloat16] + ([torch.float16] if dev.type == "cuda" else [])
     args.dtypes = [d for d in candidates if low_precision_supported(d, dev)]
-    out_path = args.out or RESULTS / f"speed_{dev.type}.json"
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
 
     print(f"machine: {machine_info(args.device)}", flush=True)
@@ -340,6 +346,48 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(results)
     print(f"wrote {out_path}")
     return 0
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The README summary: one line per network and setting, ratios as measured."""
+    lines = [
+        "| part | network | batch | dtype | ours | peer | ratio | target | met |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for part in ("eager", "train", "deploy"):
+        rows = {(r["name"], r["batch_size"], r["dtype"]): r for r in results.get(part, {}).get("rows", [])}
+        for t in results.get(part, {}).get("targets", []):
+            r = rows[(t["name"], t["batch_size"], t["dtype"])]
+            lines.append(
+                f"| {part} | {t['name']} | {t['batch_size']} | {t['dtype']} | {r['latency_ms']:.1f} ms | "
+                f"{r['peer']} {r['peer_latency_ms']:.1f} ms | {t['value']:.3f} ({t['measure']}) | "
+                f"{t['target']} | {'yes' if t['met'] else 'no'} |"
+            )
+    cifar = results.get("cifar", {}).get("rows", [])
+    if cifar:
+        lines += [
+            "",
+            "| CIFAR net (32x32, batch 128) | eager ms | deploy fp32 | deploy bf16 | train img/s |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for r in cifar:
+            cells = [
+                f"{d['latency_ms']:.0f} ms ({d['speedup_vs_eager']:.2f}x)" if d else "-"
+                for d in (r.get("deploy_float32"), r.get("deploy_bfloat16"))
+            ]
+            lines.append(
+                f"| {r['name']} | {r['eager']['latency_ms']:.0f} | {cells[0]} | {cells[1]} | "
+                f"{r['train']['images_per_s']:.0f} |"
+            )
+    lines.append("")
+    for part in PARTS:
+        if part in results:
+            load = results[part]["load_before"]["load_avg"][0], results[part]["load_after"]["load_avg"][0]
+            lines.append(f"- {part}: {results[part]['date']}, load average {load[0]} -> {load[1]}")
+    peaks = next((v["matmul_peak_gflops"] for v in results.values() if "matmul_peak_gflops" in v), None)
+    if peaks:
+        lines += ["", "matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())]
+    return "\n".join(lines)
 
 
 def print_summary(results: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from resnets.analysis import StudyError
-from resnets.analysis.degradation_curves import degradation, verdict
+from resnets.analysis.degradation_curves import FULL, degradation, paper_lr, verdict
 
 DATA = Path("data/cifar10-jpeg")
 
@@ -29,6 +29,11 @@ def test_verdict_compares_the_deepest_with_the_shallowest_of_each_family():
     assert not v["resnet"]["deeper_trains_worse"] and v["resnet"]["train_err_gap"] == pytest.approx(-0.1)
 
 
+def test_learning_rate_is_the_papers_per_image():
+    assert paper_lr(128) == 0.1 and paper_lr(32) == pytest.approx(0.025)
+    assert FULL["batch_size"] == 128 and FULL["milestones"] == (82, 123) and "lr" not in FULL
+
+
 @pytest.mark.skipif(not DATA.exists(), reason="CIFAR-10 image tree not extracted into data/cifar10-jpeg")
 def test_tiny_run_is_read_back_and_reused(tmp_path):
     small = dict(epochs=1, train_subset=64, test_subset=32, batch_size=32)
@@ -37,7 +42,8 @@ def test_tiny_run_is_read_back_and_reused(tmp_path):
     metrics = (tmp_path / "degradation_runs" / "resnet20" / "metrics.csv").read_text().splitlines()
     train_top1 = float(metrics[1].split(",")[2])
     assert e["epochs"] == [1] and e["final_train_err"] == pytest.approx(1 - train_top1)
-    assert json.loads((tmp_path / "degradation.json").read_text())["recipe"]["lr"] == 0.1
+    # The paper's 0.1 per 128 images, at this batch of 32.
+    assert json.loads((tmp_path / "degradation.json").read_text())["recipe"]["lr"] == pytest.approx(0.025)
     # The same recipe again reads the finished run instead of training it twice ...
     again = degradation(["resnet20"], DATA, overrides=small, out_dir=tmp_path)
     assert again["models"]["resnet20"]["final_train_loss"] == e["final_train_loss"]

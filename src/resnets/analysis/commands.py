@@ -121,7 +121,9 @@ def add_study_parsers(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--train-subset", type=int, default=None, help="training images (0 = all 50000)")
     p.add_argument("--test-subset", type=int, default=None, help="test images (0 = all 10000)")
     p.add_argument("--batch-size", type=_positive, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument(
+        "--lr", type=float, default=None, help="default: 0.1 x batch / 128, the paper's lr per image"
+    )
     _common(p)
 
 

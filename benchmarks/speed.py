@@ -207,12 +207,17 @@ def part_agree(args, peaks) -> list[dict[str, Any]]:
         data = replace(data, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
     model = model.to(dev).eval()
     fast = deploy(model, dtype=torch.bfloat16)
+    fast32 = deploy(model)  # float32: its logits must match the original's to 1e-4
     n = agree = hit32 = hit16 = 0
+    max_diff32 = max_logit = 0.0
     for xb, yb in data.eval_batches(500, 0, 1):
         xb, yb = xb.to(dev), yb.to(dev)
         with torch.inference_mode():
-            p32 = model(xb).argmax(1)
+            logits = model(xb)
+        p32 = logits.argmax(1)
         p16 = fast(xb).argmax(1)
+        max_diff32 = max(max_diff32, (fast32(xb) - logits).abs().max().item())
+        max_logit = max(max_logit, logits.abs().max().item())
         n += len(yb)
         agree += (p32 == p16).sum().item()
         hit32 += (p32 == yb).sum().item()
@@ -228,10 +233,14 @@ def part_agree(args, peaks) -> list[dict[str, Any]]:
         "agreement": agree / n,
         "target": TARGETS["agree"],
         "met": agree / n >= TARGETS["agree"],
+        "deploy_float32_backend": fast32.backend,
+        "deploy_float32_max_abs_diff": max_diff32,
+        "max_abs_logit": max_logit,
     }
     print(
         f"  agree {row['name']} on {row['data']}: top-1 fp32 {row['top1_float32']:.4f}, bf16 deploy "
-        f"{row['top1_bfloat16_deploy']:.4f}, agreement {row['agreement']:.4f} over {n} images",
+        f"{row['top1_bfloat16_deploy']:.4f}, agreement {row['agreement']:.4f} over {n} images; fp32 deploy "
+        f"max abs logit diff {max_diff32:.2e} (logits up to {max_logit:.1f})",
         flush=True,
     )
     return [row]

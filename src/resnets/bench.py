@@ -136,6 +136,12 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
+        # Thread settings change CPU timings a lot (OpenMP threads spin-wait on a shared machine).
+        "env": {
+            k: os.environ[k]
+            for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")
+            if k in os.environ
+        },
     }
     for lib in ("torchvision", "timm"):
         try:

@@ -94,9 +94,16 @@ def test_no_weight_decay_on_norm_and_bias():
     assert len(all_decay["params"]) == 6 and not none["params"]
 
 
-def test_shipped_recipes_load_and_name_their_paper_table():
+def test_shipped_recipes_load_name_their_paper_table_and_set_every_optimisation_key():
+    # The defaults are the digits recipe; a paper recipe must not inherit its choices silently.
+    explicit = {"model", "data", "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay"}
+    explicit |= {"schedule", "warmup_epochs", "label_smoothing", "flip"}
     assert len(CONFIGS) >= 10
     for path in CONFIGS:
         cfg = load_config(path)
         get_entry(cfg.model)  # a registered model
-        assert "Table" in path.read_text() or "table" in path.read_text(), path
+        assert "Table" in path.read_text(), path
+        assert explicit <= set(tomllib.loads(path.read_text())), (
+            path,
+            explicit - set(tomllib.loads(path.read_text())),
+        )

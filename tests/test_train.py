@@ -69,6 +69,7 @@ def test_tiny_run_writes_every_file_with_consistent_contents(tmp_path):
 
     cfg = tomllib.loads((out / "config.toml").read_text())
     assert cfg["epochs"] == 2 and cfg["flip"] is False  # resolved: digits are not flipped
+    assert "out" not in cfg and cfg["resume"] is False  # reusable as a recipe for a new run
     assert from_dict(cfg).train_subset == 96
 
     ckpt = torch.load(out / "last.ckpt", weights_only=True)

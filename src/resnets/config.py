@@ -54,7 +54,7 @@ class TrainConfig:
     drop_path: float = _f(0.0, "stochastic depth rate at the last block")
     zero_init_last: bool = _f(False, "start every residual branch at zero")
     # optimisation
-    epochs: int = _f(15, "training epochs")
+    epochs: int = _f(12, "training epochs")
     batch_size: int = _f(64, "images per optimizer step, over all processes")
     accum_steps: int = _f(1, "split each step into this many micro-batches (gradient accumulation)")
     lr: float = _f(0.2, "peak learning rate")
@@ -66,7 +66,7 @@ class TrainConfig:
     warmup_epochs: float = _f(3.0, "linear warm-up from 0 (onecycle: the rising half)")
     milestones: tuple[int, ...] = _f((), "step schedule: epochs at which lr is multiplied by gamma")
     gamma: float = _f(0.1, "step schedule factor")
-    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy")
+    label_smoothing: float = _f(0.1, "label smoothing of the cross-entropy")
     ema_decay: float = _f(0.0, "exponential moving average of the weights (0 = off, e.g. 0.999)")
     # augmentation and evaluation
     padding: int = _f(4, "random crop after padding by this many pixels (0 = off)")

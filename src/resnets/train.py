@@ -243,14 +243,18 @@ def _train(cfg: TrainConfig, callback, rank: int, world: int, device: torch.devi
         torch.backends.cudnn.benchmark = not cfg.deterministic
 
     # --- data ------------------------------------------------------------------------------------
+    if world > 1 and not main:
+        dist.barrier()  # let rank 0 download and build the cache first, then read what it wrote
     data = load_data(
         cfg.data,
         cfg.data_dir,
         cache_dir=cfg.cache_dir,
-        download=cfg.download and main,  # one process downloads; the others find the files or fail
+        download=cfg.download and main,
         image_size=cfg.image_size,
         workers=cfg.workers,
     )
+    if world > 1 and main:
+        dist.barrier()
     data = data.subset(cfg.train_subset, cfg.test_subset).to(device)
     if cfg.flip is None:
         cfg = replace(cfg, flip=data.flip_ok)  # the resolved config says what actually ran
@@ -307,7 +311,10 @@ def _train(cfg: TrainConfig, callback, rank: int, world: int, device: torch.devi
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "config.toml", lambda f: f.write(replace(cfg, resume=False).to_toml().encode()))
+        # The resolved recipe, without where this run lives: `--config` on it trains the same thing
+        # again into a new folder.
+        recipe = replace(cfg, out=None, resume=False).to_toml()
+        atomic_write(out / "config.toml", lambda f: f.write(recipe.encode()))
         print(
             f"{cfg.model} ({n_params / 1e6:.2f}M params) on {cfg.data}: {data.num_train} train / "
             f"{data.num_test} test images, {steps_per_epoch} steps of {cfg.batch_size} per epoch, "

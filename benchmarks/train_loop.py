@@ -140,6 +140,8 @@ def machine() -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # OpenMP threads spin-wait: on a shared machine these settings change CPU timings a lot.
+        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")},
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,

@@ -267,7 +267,7 @@ def _train(cfg: TrainConfig, callback, rank: int, world: int, device: torch.devi
         "classes": data.classes,
         "mean": list(data.mean),
         "std": list(data.std),
-        "image_size": data.image_size if hasattr(data, "train_x") else cfg.image_size,
+        "image_size": data.image_size,
     }
 
     # --- model, optimizer, state -----------------------------------------------------------------
@@ -388,9 +388,10 @@ def _train(cfg: TrainConfig, callback, rank: int, world: int, device: torch.devi
         loss_sum, correct, seen = sums.tolist()
         if not math.isfinite(loss_sum):
             bar.close()
+            kept = f"{out / 'last.ckpt'} keeps epoch {epoch}" if epoch else "no epoch had finished"
             raise TrainingError(
-                f"the training loss became {loss_sum / seen} in epoch {epoch + 1}; stopped. "
-                f"{out / 'last.ckpt'} keeps the last good epoch ({epoch}); try a lower --lr"
+                f"the training loss became {loss_sum / seen} in epoch {epoch + 1}; stopped ({kept}). "
+                "Try a lower --lr"
             )
         test = evaluate(
             eval_model, data, tta=cfg.tta, batch_size=cfg.eval_batch_size, amp=cfg.amp, memory_format=fmt

@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.fx
 from torch import nn
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 import resnets
-from resnets import create_model
+from resnets import ResNet, create_model
 from resnets.deploy import (
     Deployed,
     deploy,
@@ -243,6 +244,26 @@ def test_compile_failure_falls_back_to_torchscript(monkeypatch):
     assert (got - want).abs().max().item() <= 1e-4
 
 
+def test_each_deployment_compiles_its_own_entry_point(monkeypatch):
+    # Dynamo's cache and recompile limit (8) are per code object: deployments sharing
+    # ResNet.forward's would fall back to eager from the ninth on, silently.
+    seen = []
+
+    def fake_compile(fn, **kwargs):
+        seen.append(fn)
+        return fn  # run eagerly: only what was handed to the compiler matters here
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    x = torch.randn(1, 3, 32, 32)
+    for name in ("resnet20", "resnet20", "preact_resnet110"):
+        fast = deploy(make(name))
+        fast(x)
+        assert fast.backend == "inductor"
+    codes = [fn.__code__ for fn in seen]
+    assert len(codes) == 3 and len({id(c) for c in codes}) == 3
+    assert all(c is not ResNet.forward.__code__ for c in codes)
+
+
 @pytest.mark.slow
 def test_compiled_deploy_matches_eager():
     # Inductor compiles in tens of seconds on a small CPU, so this is a slow test.
@@ -255,3 +276,5 @@ def test_compiled_deploy_matches_eager():
     assert fast.backend == "inductor"
     assert (got - want).abs().max().item() <= 1e-4
     assert isinstance(fast, Deployed)
+    # The compiled graph is filed under the deployment's own entry point, not the shared forward.
+    assert len(_debug_get_cache_entry_list(ResNet.forward.__code__)) == 0

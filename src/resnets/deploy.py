@@ -10,6 +10,7 @@ add (iResNet end blocks) are left alone: folding them would change the function.
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 from collections.abc import Callable
 
@@ -95,6 +96,18 @@ def low_precision_supported(dtype: torch.dtype, device: torch.device) -> bool:
     return False
 
 
+def _own_code(fn: Callable) -> Callable:
+    """`fn` with a code object of its own.
+
+    Dynamo keeps compiled graphs, and counts recompilations against its limit (8), per code
+    object. Compiling the model itself would file every deployment under the one shared
+    `ResNet.forward`, so the ninth deployed model (or shape) in a process would silently run
+    eager; a private entry point per deployment keeps each one's graphs apart.
+    """
+    code = fn.__code__.replace()  # an equal but distinct code object
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 class _CompiledOrFrozen:
     """Runs `torch.compile` with inductor freezing; if compiling fails, a frozen TorchScript trace.
 
@@ -115,13 +128,17 @@ class _CompiledOrFrozen:
         return self.compiled(x)
 
     def _build(self, x: torch.Tensor) -> tuple[Callable, str]:
+        model = self.model
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return model(x)
+
         try:
             # dynamic=False: one specialised graph per input shape, as a deployed model sees few.
-            compiled = torch.compile(self.model, dynamic=False, options={"freezing": True})
+            compiled = torch.compile(_own_code(forward), dynamic=False, options={"freezing": True})
             compiled(x)
             return compiled, "inductor"
         except Exception as exc:  # compile has many failure types; each one means "use the fallback"
-            torch._dynamo.reset()
             warnings.warn(
                 f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                 "using a frozen TorchScript trace instead",

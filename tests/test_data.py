@@ -107,6 +107,9 @@ def test_pickle_batches_are_read_exactly_and_cached(tmp_path, protocol):
     assert np.array_equal(data.train_x.numpy(), expected)
     assert data.train_y.tolist() == sum((labels[f"data_batch_{i}"] for i in range(1, 6)), [])
     assert np.array_equal(data.test_x.numpy().reshape(10, -1), images["test_batch"])
+    flat = torch.from_numpy(expected).permute(1, 0, 2, 3).reshape(3, -1).double() / 255
+    assert data.mean == pytest.approx(flat.mean(1).tolist(), abs=6e-5)  # rounded to 4 places
+    assert data.std == pytest.approx(flat.std(1).tolist(), abs=6e-5)
     caches = list((tmp_path / "cifar-10-batches-py").glob("cifar10-*.uint8.safetensors"))
     assert len(caches) == 1
     # The second load reads the cache: spoil a batch file and the data is still the same.

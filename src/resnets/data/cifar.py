@@ -270,8 +270,17 @@ def _write_cache(path: Path, arrays: dict, source: str) -> None:
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    flat = x.permute(1, 0, 2, 3).reshape(x.shape[1], -1).double() / 255
-    return tuple(round(v, 4) for v in flat.mean(1).tolist()), tuple(round(v, 4) for v in flat.std(1).tolist())
+    """Per-channel mean and std on the [0, 1] scale, from a 256-bin histogram per channel: exact,
+    and without a float copy of the whole set (1.2 GB for CIFAR in float64)."""
+    values = torch.arange(256, dtype=torch.float64) / 255
+    means, stds = [], []
+    for c in range(x.shape[1]):
+        counts = torch.bincount(x[:, c].flatten(), minlength=256).double()
+        n = counts.sum()
+        mean = (counts * values).sum() / n
+        means.append(round(mean.item(), 4))
+        stds.append(round(((counts * (values - mean) ** 2).sum() / (n - 1)).sqrt().item(), 4))
+    return tuple(means), tuple(stds)
 
 
 def load_cifar(
@@ -309,14 +318,14 @@ def load_cifar(
     if len(arrays["classes"]) != {"cifar10": 10, "cifar100": 100}[name]:
         raise DataError(f"{source} has {len(arrays['classes'])} classes, which is not {name}")
     return InMemoryData(
-        name,
-        arrays["classes"],
-        arrays["train_x"],
-        arrays["train_y"],
-        arrays["test_x"],
-        arrays["test_y"],
-        arrays["mean"],
-        arrays["std"],
+        name=name,
+        classes=arrays["classes"],
+        train_x=arrays["train_x"],
+        train_y=arrays["train_y"],
+        test_x=arrays["test_x"],
+        test_y=arrays["test_y"],
+        mean=arrays["mean"],
+        std=arrays["std"],
         flip_ok=True,
     )
 

@@ -103,3 +103,32 @@ def test_study_on_cifar_test_images(tmp_path):
     r = gradcam(["resnet20"], data_dir=DATA, num_images=3, out_dir=tmp_path)
     assert r["labels"] == ["airplane", "automobile", "bird"]  # one class after another
     assert 0.0 <= r["models"]["resnet20"]["accuracy"] <= 1.0
+
+
+def test_checkpoint_rows_use_the_runs_classes_and_normalisation(tmp_path):
+    from resnets import create_model
+    from resnets.checkpoint import save_model_file
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=3).eval()
+    classes = ["cat", "dog", "frog"]
+    for run in ("resnet20", "long-run"):
+        (tmp_path / run).mkdir()
+        save_model_file(
+            tmp_path / run / "model.safetensors",
+            model,
+            {"classes": classes, "mean": [0.5] * 3, "std": [0.2] * 3},
+        )
+    paths = _write_images(tmp_path, 2)
+    r = gradcam(checkpoints=[str(tmp_path / "resnet20"), str(tmp_path / "long-run")], images=paths)
+    # A run folder named after its model adds nothing to the label; another name tells runs apart.
+    assert list(r["models"]) == ["resnet20", "resnet20 (long-run)"]
+    a, b = r["models"].values()
+    assert set(a["predicted"]) <= set(classes) and a["maps"] == b["maps"]  # same weights, same maps
+    # The run's own normalisation is used: the prediction matches the model on (x/255 - 0.5) / 0.2.
+    from resnets.analysis.inputs import load_images
+
+    x = (load_images(paths, 32).float() / 255 - 0.5) / 0.2
+    with torch.no_grad():
+        expected = [classes[i] for i in model(x).argmax(1).tolist()]
+    assert a["predicted"] == expected

@@ -47,8 +47,9 @@ FULL = QUICK | dict(
 def paper_lr(batch_size: int) -> float:
     """The paper's learning rate per image: 0.1 at batch 128, scaled linearly (Goyal et al. 2017).
 
-    Keeping 0.1 at batch 32 is four times the paper's step per image: resnet56 then diverges in
-    its first epoch (training loss 3.7 in a run here) instead of training.
+    Keeping 0.1 at batch 32 is four times the paper's step per image: in a run here (1280 images,
+    6 epochs) resnet56 then sat at chance (loss 2.30) through epochs 2-3 and ended at 83% training
+    error, against 71% with the scaled rate.
     """
     return PAPER_LR * batch_size / PAPER_BATCH
 

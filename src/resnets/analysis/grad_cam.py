@@ -161,11 +161,11 @@ def table(result: dict) -> tuple[list[str], list[list[str]]]:
         rows.append(
             [
                 label,
-                e["source"],
+                e["source"] if e["source"] == "init" else Path(e["source"]).parent.name,
                 "x".join(map(str, e["map_size"])),
                 f"{100 * e['accuracy']:.0f}" if "accuracy" in e else "-",
                 f"{sum(e['probability']) / len(e['probability']):.2f}",
                 f"{100 * sum(shares) / len(shares):.0f}" if shares else "-",
             ]
         )
-    return ["model", "weights", "map", "accuracy %", "mean prob.", "left-half share %"], rows
+    return ["model", "weights (run)", "map", "accuracy %", "mean prob.", "left-half share %"], rows

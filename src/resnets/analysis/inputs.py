@@ -63,7 +63,9 @@ def load_checkpoint_model(path: str | Path) -> LoadedModel:
     if path.is_dir():  # a run folder: its final weights
         path = path / "model.safetensors"
     model, meta = load_model_file(path)
-    label = f"{model.name or 'model'} ({path.parent.name})"
+    name = model.name or "model"
+    # The run folder tells runs of one model apart; it adds nothing when it is the model's name.
+    label = name if path.parent.name == name else f"{name} ({path.parent.name})"
     mean, std = meta.get("mean"), meta.get("std")
     return LoadedModel(
         model.eval(),

@@ -82,7 +82,7 @@ def shades(family: str, n: int) -> list[tuple[float, float, float]]:
         return [base]
     out = []
     for i in range(n):
-        t = 0.55 * (1 - i / (n - 1))  # 0.55 = lightest mix with white, so thin lines stay visible
+        t = 0.45 * (1 - i / (n - 1))  # 0.45 = lightest mix with white: thin lines and labels stay readable
         out.append(tuple(c + (1 - c) * t for c in base))
     return out
 

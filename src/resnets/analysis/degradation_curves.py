@@ -200,7 +200,7 @@ def plot(result: dict):
                     e["epochs"], [100 * v for v in e["test_err"]], "-", lw=2.2, label=f"{name} test", **style
                 )
         ax.set_title(f"{family} nets", fontsize=10)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epoch (one pass over the training images)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("top-1 error (%)")

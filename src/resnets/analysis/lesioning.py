@@ -158,7 +158,7 @@ def lesion(
 def plot(result: dict):
     labels = list(result["blocks"])
     stages = sorted({lab.split(".")[0] for lab in labels})
-    stage_colour = dict(zip(stages, reversed(shades(result["family"], len(stages)))))
+    stage_colour = dict(zip(stages, shades(result["family"], len(stages))))  # lightest first
     colours = [stage_colour[lab.split(".")[0]] for lab in labels]
     fig, (ax1, ax2) = pyplot().subplots(2, 1, figsize=(max(6.4, 0.22 * len(labels) + 2), 6.4), sharex=True)
     xs = range(len(labels))

@@ -134,6 +134,7 @@ def test_bench_deploy_row(monkeypatch):
         row = bench_model("resnet20", batch_size=2, input_size=16, deploy=True, **FAST)
     check_consistent(row)
     assert row["deploy"] is True and row["backend"] == "torchscript" and row["compile_s"] > 0
+    assert row["deployed_dtype"] == "float32"
 
 
 def test_interleaving_alternates_the_order_and_respects_min_repeats():

@@ -412,6 +412,8 @@ def bench_model(
         _sync(dev)
         row["compile_s"] = time.perf_counter() - t0
         row["backend"] = run.backend
+        # What actually ran: deploy keeps float32 where the device has no native bf16/fp16.
+        row["deployed_dtype"] = str(run.dtype).removeprefix("torch.")
     fns = [_step_fn(run, x, mode, dtype, autocast=not deploy and dtype != torch.float32)]
     if peer_model is not None:
         fns.append(_step_fn(peer_model, x, mode, peer_dtype, autocast=peer_dtype != torch.float32))

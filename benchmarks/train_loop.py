@@ -150,6 +150,20 @@ def machine() -> dict:
     }
 
 
+def summarise(rounds: list[dict[str, list[float]]]) -> dict[str, float]:
+    """Ratios of median-chunk images/s, taken within each round (the loops of one round ran
+    minutes apart under about the same load) and then the median over the rounds."""
+
+    def ratio(a: str, b: str) -> float:
+        per_round = [statistics.median(r[a]) / statistics.median(r[b]) for r in rounds]
+        return round(statistics.median(per_round), 3)
+
+    out = {f"{name}_vs_bare": ratio(name, "bare") for name in rounds[0] if name != "bare"}
+    out["ours_vs_torchvision_0_workers"] = ratio("ours", "torchvision_0_workers")
+    out["ours_vs_torchvision_2_workers"] = ratio("ours", "torchvision_2_workers")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=Path("data/cifar10-jpeg"), help="CIFAR-10 image tree")
@@ -172,18 +186,16 @@ def main(argv: list[str] | None = None) -> int:
         "torchvision_0_workers": lambda: torchvision_loader(args.data_dir, c, k, 0),
         "torchvision_2_workers": lambda: torchvision_loader(args.data_dir, c, k, 2),
     }
-    runs: dict[str, list[float]] = {name: [] for name in loops}
+    rounds: list[dict[str, list[float]]] = []
     for r in range(args.rounds):
+        rounds.append({})
         for name, loop in loops.items():
-            rates = [round(x, 1) for x in loop()]
-            runs[name] += rates
-            print(f"round {r + 1}: {name:22s} median {statistics.median(rates):7.1f} images/s", flush=True)
-    # The median over short chunks: a burst of load from other processes spoils a few chunks, not
-    # the whole number.
-    median = {name: statistics.median(v) for name, v in runs.items()}
-    ratios = {f"{name}_vs_bare": round(median[name] / median["bare"], 3) for name in loops if name != "bare"}
-    ratios["ours_vs_torchvision_0_workers"] = round(median["ours"] / median["torchvision_0_workers"], 3)
-    ratios["ours_vs_torchvision_2_workers"] = round(median["ours"] / median["torchvision_2_workers"], 3)
+            rounds[-1][name] = [round(x, 1) for x in loop()]
+            print(
+                f"round {r + 1}: {name:22s} median {statistics.median(rounds[-1][name]):7.1f} images/s",
+                flush=True,
+            )
+    ratios = summarise(rounds)
     result = {
         "benchmark": "train_loop",
         "model": "resnet20",
@@ -194,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "load_average_1min_at_end": os.getloadavg()[0],
-        "images_per_s_per_chunk": runs,
-        "median_images_per_s": median,
+        "images_per_s_per_chunk": rounds,
+        "median_images_per_s_per_round": [{k: statistics.median(v) for k, v in r.items()} for r in rounds],
         "ratios": ratios,
     }
     for k, v in ratios.items():

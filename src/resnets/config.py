@@ -7,6 +7,7 @@ types and values out of range raise `ConfigError` with the key named.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
 import sys
@@ -129,9 +130,6 @@ class TrainConfig:
                 f"warmup_epochs ({self.warmup_epochs}) must be shorter than epochs ({self.epochs})"
             )
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     def to_toml(self) -> str:
         """The config as TOML (unset optional fields are left out, as TOML has no null)."""
         lines = [f"{k} = {_toml_value(v)}" for k, v in asdict(self).items() if v is not None]
@@ -150,6 +148,7 @@ def _toml_value(v) -> str:
     raise TypeError(f"cannot write {type(v).__name__} as TOML")
 
 
+@functools.cache  # the dataclass never changes; get_type_hints is not cheap
 def field_types() -> dict[str, object]:
     """Field name -> its type (`int`, `float`, `str`, `bool`, `tuple`), optional types unwrapped."""
     hints = typing.get_type_hints(TrainConfig)
@@ -161,10 +160,10 @@ def field_types() -> dict[str, object]:
 
 
 def _check_types(cfg: TrainConfig) -> None:
+    optional = {f.name for f in fields(TrainConfig) if f.default is None}
     for name, t in field_types().items():
         v = getattr(cfg, name)
-        default = next(f.default for f in fields(TrainConfig) if f.name == name)
-        if v is None and default is None:
+        if v is None and name in optional:
             continue
         ok = {
             bool: isinstance(v, bool),

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from resnets.analysis import gradcam
-from resnets.analysis.grad_cam import grad_cam, mass_share
+from resnets.analysis.grad_cam import centre_share, grad_cam, mass_share
 
 DATA = Path("data/cifar10-jpeg")
 
@@ -132,3 +132,12 @@ def test_checkpoint_rows_use_the_runs_classes_and_normalisation(tmp_path):
     with torch.no_grad():
         expected = [classes[i] for i in model(x).argmax(1).tolist()]
     assert a["predicted"] == expected
+
+
+def test_centre_share_of_uniform_and_centred_maps():
+    uniform = torch.ones(1, 8, 8)
+    centred = torch.zeros(1, 8, 8)
+    centred[0, 2:6, 2:6] = 1
+    corner = torch.zeros(1, 8, 8)
+    corner[0, 0, 0] = 1
+    assert centre_share(torch.cat([uniform, centred, corner])).tolist() == [0.25, 1.0, 0.0]

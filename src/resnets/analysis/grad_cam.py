@@ -48,10 +48,19 @@ def grad_cam(
     return cams, target, probs
 
 
-def mass_share(cams: torch.Tensor, cols: slice) -> torch.Tensor:
-    """Share of each map's mass in the given columns (NaN for an all-zero map)."""
+def mass_share(cams: torch.Tensor, cols: slice, rows: slice = slice(None)) -> torch.Tensor:
+    """Share of each map's mass in the given rows and columns (NaN for an all-zero map)."""
     total = cams.sum((1, 2))
-    return cams[:, :, cols].sum((1, 2)) / total
+    return cams[:, rows, cols].sum((1, 2)) / total
+
+
+def centre_share(cams: torch.Tensor) -> torch.Tensor:
+    """Share of each map's mass in the central box of half the height and width (a uniform map: 1/4).
+
+    CIFAR objects are mostly centred, so a net that looks at the object scores above 1/4.
+    """
+    h, w = cams.shape[-2:]
+    return mass_share(cams, slice(w // 4, w - w // 4), slice(h // 4, h - h // 4))
 
 
 def gradcam(
@@ -107,6 +116,7 @@ def gradcam(
             "map_size": list(cams.shape[-2:]),
             # Where the evidence sits: share of the map in the left half (at the map's resolution).
             "left_half_share": mass_share(cams, slice(0, w // 2)).tolist() if w % 2 == 0 else None,
+            "centre_share": centre_share(cams).tolist(),
             "maps": cams.tolist(),
         }
         if labels is not None:
@@ -154,10 +164,15 @@ def plot(result: dict, pixels: torch.Tensor, overlays: dict[str, torch.Tensor]):
     return fig
 
 
+def _mean(values: list[float] | None) -> float | None:
+    finite = [v for v in values or [] if v == v]  # all-zero maps give NaN
+    return sum(finite) / len(finite) if finite else None
+
+
 def table(result: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for label, e in result["models"].items():
-        shares = [s for s in e["left_half_share"] or [] if s == s]  # drop NaN (all-zero maps)
+        left, centre = _mean(e["left_half_share"]), _mean(e["centre_share"])
         rows.append(
             [
                 label,
@@ -165,7 +180,17 @@ def table(result: dict) -> tuple[list[str], list[list[str]]]:
                 "x".join(map(str, e["map_size"])),
                 f"{100 * e['accuracy']:.0f}" if "accuracy" in e else "-",
                 f"{sum(e['probability']) / len(e['probability']):.2f}",
-                f"{100 * sum(shares) / len(shares):.0f}" if shares else "-",
+                f"{100 * left:.0f}" if left is not None else "-",
+                f"{100 * centre:.0f}" if centre is not None else "-",
             ]
         )
-    return ["model", "weights (run)", "map", "accuracy %", "mean prob.", "left-half share %"], rows
+    header = [
+        "model",
+        "weights (run)",
+        "map",
+        "accuracy %",
+        "mean prob.",
+        "left-half share %",
+        "centre share %",
+    ]
+    return header, rows

@@ -28,7 +28,8 @@ JSON_KEYS = ("spec", "mean", "std", "classes", "image_size")
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Write through a temporary file in the same folder, fsync it, and rename it into place, so a
-    crash at any moment leaves either the old file or the new one, never half of one."""
+    crash at any moment leaves either the old file or the new one, never half of one. A failed
+    write (full disk, no permission) raises `CheckpointError` and leaves the old file as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -37,8 +38,12 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # full disk, quota, read-only folder, permissions...
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            kept = "the previous one is kept" if path.exists() else "nothing was written"
+            raise CheckpointError(f"could not write {path} ({reason}); {kept}") from None
         raise
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)

@@ -166,7 +166,7 @@ def add_train_parser(sub) -> None:
 
 def cmd_train(args) -> int:
     from .config import RUNTIME_FIELDS, given_fields, load_config
-    from .errors import ResnetsError
+    from .errors import ResnetsError, RunStopped
     from .train import train
 
     flags = given_fields(args)
@@ -179,6 +179,9 @@ def cmd_train(args) -> int:
         train(load_config(args.config, flags))
     except ResnetsError as exc:
         raise UserError(str(exc)) from None
+    except RunStopped as stop:  # SIGINT / SIGTERM: the checkpoint is written, say how to go on
+        print(stop, file=sys.stderr, flush=True)
+        return 128 + stop.signum
     return 0
 
 

@@ -26,7 +26,19 @@ SCHEDULES = ("step", "cosine", "onecycle", "constant")
 AMP_MODES = ("off", "bf16", "fp16")
 PAD_MODES = ("zeros", "reflect")
 # Fields that say how to run, not what to train: they may differ when a run is resumed.
-RUNTIME_FIELDS = ("out", "resume", "quiet", "workers", "eval_batch_size", "data_dir", "cache_dir", "download")
+RUNTIME_FIELDS = (
+    "out",
+    "resume",
+    "quiet",
+    "workers",
+    "eval_batch_size",
+    "data_dir",
+    "cache_dir",
+    "download",
+    "ckpt_every",
+    "nonfinite",
+)
+NONFINITE = ("stop", "skip")
 
 
 def _f(default, help: str):
@@ -86,6 +98,10 @@ class TrainConfig:
     seed: int = _f(0, "random seed (initialisation, data order, augmentation)")
     out: str | None = _f(None, "output folder (default: runs/<model>-<data>, numbered if taken)")
     resume: bool = _f(False, "continue the run in --out from its last.ckpt")
+    ckpt_every: int = _f(0, "also write last.ckpt every this many steps within an epoch (0 = at epoch ends)")
+    nonfinite: str = _f(
+        "stop", "on a NaN or infinite loss: stop (last.ckpt keeps the last good state) or skip the step"
+    )
     quiet: bool = _f(False, "one line per epoch instead of a progress bar")
 
     def __post_init__(self):
@@ -102,6 +118,7 @@ class TrainConfig:
             "cutout",
             "weight_decay",
             "warmup_epochs",
+            "ckpt_every",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
@@ -112,7 +129,12 @@ class TrainConfig:
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
         if self.gamma <= 0:
             raise ConfigError(f"gamma must be positive, got {self.gamma}")
-        for name, allowed in (("schedule", SCHEDULES), ("amp", AMP_MODES), ("pad_mode", PAD_MODES)):
+        for name, allowed in (
+            ("schedule", SCHEDULES),
+            ("amp", AMP_MODES),
+            ("pad_mode", PAD_MODES),
+            ("nonfinite", NONFINITE),
+        ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

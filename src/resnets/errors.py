@@ -19,3 +19,15 @@ class CheckpointError(ResnetsError):
 
 class TrainingError(ResnetsError):
     """A run that cannot go on, e.g. a loss that became NaN."""
+
+
+class RunStopped(KeyboardInterrupt):
+    """A training run stopped on request (SIGINT or SIGTERM) after writing its checkpoint.
+
+    A `KeyboardInterrupt`, so code that catches `Exception` does not swallow it. `signum` is the
+    signal; `out` the run folder to pass to `--resume`.
+    """
+
+    def __init__(self, message: str, signum: int, out: str):
+        super().__init__(message)
+        self.signum, self.out = signum, out

@@ -14,7 +14,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -28,7 +30,7 @@ from torch import nn
 from .checkpoint import atomic_write, load_checkpoint, load_state, save_checkpoint, save_model_file
 from .config import RUNTIME_FIELDS, TrainConfig, from_dict
 from .data import Augment, load_data
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, RunStopped, TrainingError
 from .evaluate import autocast, evaluate
 from .registry import create_model
 
@@ -41,8 +43,11 @@ METRIC_COLUMNS = (
     "test_top5",
     "lr",
     "images_per_s",
+    "skipped_steps",
     "time_s",
 )
+# With nonfinite = "skip", this many non-finite steps in a row end the run all the same: it diverged.
+MAX_SKIPPED_IN_A_ROW = 20
 
 
 def lr_at(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
@@ -190,6 +195,71 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+class _StopSignals:
+    """While active, SIGINT and SIGTERM ask the loop to stop after the current step (`signum` is
+    set); a second signal stops at once with KeyboardInterrupt. Only the main thread can install
+    handlers; elsewhere the signals keep their usual effect."""
+
+    def __init__(self, announce: bool):
+        self.announce, self.signum, self.previous = announce, 0, {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if self.announce:
+            print(
+                f"\n{signal.Signals(signum).name}: finishing this step and writing a checkpoint "
+                "(send it again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _nonfinite_message(cfg, part, step, where, out, saved_step, streak) -> str:
+    loss = part[0].item() / max(part[2].item(), 1)
+    what = (
+        f"{streak} steps in a row had a non-finite loss" if streak > 1 else f"the training loss became {loss}"
+    )
+    kept = (
+        f"{out / 'last.ckpt'} keeps the state after step {saved_step}"
+        if saved_step is not None
+        else "no checkpoint had been written yet"
+    )
+    hint = (
+        f"resume with --resume --nonfinite skip to skip such steps, or start again with a lower --lr (now {cfg.lr})"
+        if cfg.nonfinite == "stop"
+        else f"start again with a lower --lr (now {cfg.lr})"
+    )
+    return f"{what} at step {step + 1} ({where}); stopped, {kept}. To go on: {hint}"
+
+
+def _shape_error(exc: Exception, x: torch.Tensor, model: str) -> Exception:
+    """A forward pass that failed on the input's shape, as a `ConfigError` that says what to
+    change; any other error as it was."""
+    msg = str(exc)
+    if "Expected more than 1 value per channel" in msg:
+        return ConfigError(
+            f"{model} on a batch of {x.shape[0]} images of {x.shape[-2]}x{x.shape[-1]}: a batch-norm "
+            "layer sees one value per channel (the feature map is 1x1); use a larger --batch-size "
+            "(per process and micro-batch) or larger images"
+        )
+    if "too small" in msg or "can't be greater than actual input size" in msg:
+        first = msg.strip().splitlines()[0]
+        return ConfigError(f"{model} cannot take {x.shape[-2]}x{x.shape[-1]} images: {first}")
+    return exc
+
+
 def train(cfg: TrainConfig, callback: Callable[[dict], None] | None = None) -> dict:
     """Train `cfg.model` on `cfg.data` and write the run into its out folder (see `resolve_out`).
 
@@ -215,6 +285,11 @@ def train(cfg: TrainConfig, callback: Callable[[dict], None] | None = None) -> d
 
 def _train(cfg: TrainConfig, callback, rank: int, world: int, device: torch.device) -> dict:
     main = rank == 0
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and not cfg.resume:
+        # torchrun restarted the processes after a failure: go on from the run's last checkpoint.
+        with contextlib.suppress(ConfigError):
+            resolve_out(replace(cfg, resume=True))  # raises when there is nothing to resume yet
+            cfg = replace(cfg, resume=True)
     if world > 1:  # rank 0 chooses the folder (numbering depends on what exists) and tells the others
         box = [resolve_out(cfg) if main else None]
         dist.broadcast_object_list(box, src=0)
@@ -222,6 +297,9 @@ def _train(cfg: TrainConfig, callback, rank: int, world: int, device: torch.devi
     else:
         out = resolve_out(cfg)
     ckpt = None
+    if main and out.is_dir():  # temporary files of a write that a crash cut short
+        for tmp in out.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
     if cfg.resume:
         ckpt = load_checkpoint(out / "last.ckpt")
         # The run goes on with the recipe it started with; only how-to-run fields may change.
@@ -286,7 +364,7 @@ def _train(cfg: TrainConfig, callback, rank: int, world: int, device: torch.devi
     )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    start_epoch, step, rows, train_time, run_time = 0, 0, [], 0.0, 0.0
+    start_epoch, start_step, step, rows, train_time, run_time = 0, 0, 0, [], 0.0, 0.0
     if ckpt is not None:
         load_state(model, ckpt["model"], "last.ckpt")
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -295,6 +373,7 @@ def _train(cfg: TrainConfig, callback, rank: int, world: int, device: torch.devi
             load_state(ema.module, ckpt["ema"], "last.ckpt (EMA)")
             ema.updates = ckpt["ema_updates"]
         start_epoch, step, rows = ckpt["epoch"], ckpt["step"], ckpt["metrics"]
+        start_step = ckpt.get("epoch_step", 0)  # > 0: the checkpoint was written inside an epoch
         train_time, run_time = ckpt["train_time_s"], ckpt["time_s"]
         _set_rng_state(ckpt["rng"], device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -327,91 +406,13 @@ def _train(cfg: TrainConfig, callback, rank: int, world: int, device: torch.devi
     # --- loop ------------------------------------------------------------------------------------
     from tqdm import tqdm
 
-    t_start = time.perf_counter() - run_time
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        t0 = time.perf_counter()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, images
-        bar = tqdm(
-            total=steps_per_epoch,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=cfg.quiet or not main,
-            dynamic_ncols=True,
-            file=sys.stderr,
-        )
-        batches = data.train_batches(
-            epoch,
-            seed=cfg.seed,
-            batch_size=cfg.batch_size,
-            augment=augment,
-            rank=rank,
-            world=world,
-            accum=cfg.accum_steps,
-        )
-        for micro in batches:
-            lr = lr_at(step, cfg, steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for i, (x, y) in enumerate(micro):
-                x = x.contiguous(memory_format=fmt)
-                # Gradients are averaged across processes once per step, on the last micro-batch.
-                skip_sync = world > 1 and i < len(micro) - 1
-                with net.no_sync() if skip_sync else contextlib.nullcontext():
-                    with autocast(device, cfg.amp):
-                        logits = net(x)
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                    scaler.scale(loss / len(micro)).backward()
-                sums += torch.stack(
-                    [
-                        loss.detach().double() * len(y),
-                        (logits.argmax(1) == y).sum().double(),
-                        sums.new_tensor(len(y)),
-                    ]
-                )
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(model)
-            step += 1
-            if not bar.disable and (bar.n % 5 == 4 or bar.n == steps_per_epoch - 1):
-                loss_sum, correct, seen = sums.tolist()  # a device sync, so only every few steps
-                rate = seen * world / (time.perf_counter() - t0)
-                bar.set_postfix(
-                    loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:.0f}"
-                )
-            bar.update(1)
-        if world > 1:
-            dist.all_reduce(sums)
-        epoch_train_s = time.perf_counter() - t0
-        train_time += epoch_train_s
-        loss_sum, correct, seen = sums.tolist()
-        if not math.isfinite(loss_sum):
-            bar.close()
-            kept = f"{out / 'last.ckpt'} keeps epoch {epoch}" if epoch else "no epoch had finished"
-            raise TrainingError(
-                f"the training loss became {loss_sum / seen} in epoch {epoch + 1}; stopped ({kept}). "
-                "Try a lower --lr"
-            )
-        test = evaluate(
-            eval_model, data, tta=cfg.tta, batch_size=cfg.eval_batch_size, amp=cfg.amp, memory_format=fmt
-        )
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": round(loss_sum / seen, 6),
-            "train_top1": round(correct / seen, 6),
-            "test_loss": round(test["loss"], 6),
-            "test_top1": round(test["top1"], 6),
-            "test_top5": round(test["top5"], 6),
-            "lr": round(lr, 8),
-            "images_per_s": round(seen / epoch_train_s, 1),
-            "time_s": round(time.perf_counter() - t_start, 2),
-        }
-        rows.append(row)
-        bar.set_postfix(
-            loss=f"{row['train_loss']:.3f}", acc=f"{row['train_top1']:.3f}", test=f"{row['test_top1']:.4f}"
-        )
-        bar.close()
+    def snapshot(epoch_done: int, epoch_step: int, sums: torch.Tensor, epoch_s: float) -> None:
+        """Write last.ckpt: after `epoch_done` whole epochs and `epoch_step` steps of the next.
+        Collective under DDP (every rank calls it at the same step); rank 0 writes."""
+        nonlocal saved_step
+        if epoch_step and world > 1:
+            sums = sums.clone()
+            dist.all_reduce(sums)  # the partial epoch's totals over all ranks
         if main:
             state = {
                 "model": model.state_dict(),
@@ -419,8 +420,11 @@ def _train(cfg: TrainConfig, callback, rank: int, world: int, device: torch.devi
                 "ema_updates": ema.updates if ema else 0,
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
-                "epoch": epoch + 1,
+                "epoch": epoch_done,
                 "step": step,
+                "epoch_step": epoch_step,
+                "epoch_sums": sums.tolist() if epoch_step else [0.0] * 4,
+                "epoch_train_s": epoch_s if epoch_step else 0.0,
                 "rng": _rng_state(device),
                 "model_name": cfg.model,
                 "spec": asdict(model.spec),
@@ -428,19 +432,165 @@ def _train(cfg: TrainConfig, callback, rank: int, world: int, device: torch.devi
                 "data_info": data_info,
                 "metrics": rows,
                 "train_time_s": train_time,
-                "time_s": row["time_s"],
+                "time_s": time.perf_counter() - t_start,
             }
             save_checkpoint(out / "last.ckpt", state)
-            _write_metrics(out / "metrics.csv", rows)
-            if cfg.quiet:
-                print(
-                    f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_top1']:.4f}"
-                    f"  test loss {row['test_loss']:.4f} top1 {row['test_top1']:.4f} top5 {row['test_top5']:.4f}"
-                    f"  lr {lr:.4g}  {row['images_per_s']:.0f} img/s  {row['time_s']:.1f} s",
-                    flush=True,
-                )
-        if callback is not None:
-            callback(row)
+        saved_step = step
+
+    def stopped(signum: int, epoch: int, epoch_step: int) -> RunStopped:
+        where = (
+            f"epoch {epoch + 1}, step {epoch_step} of {steps_per_epoch}" if epoch_step else f"epoch {epoch}"
+        )
+        return RunStopped(
+            f"stopped by {signal.Signals(signum).name} after step {step} ({where}); {out / 'last.ckpt'} "
+            f"holds it. Resume with: resnets train --out {out} --resume",
+            signum,
+            str(out),
+        )
+
+    t_start = time.perf_counter() - run_time
+    saved_step = step if ckpt is not None else None
+    bad_streak = 0
+    with _StopSignals(announce=main) as signals:
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            first = start_step if epoch == start_epoch else 0
+            t_begin = time.perf_counter()
+            t0 = t_begin - (ckpt["epoch_train_s"] if first else 0.0)  # the epoch's start, resumed or not
+            # loss, correct, images, skipped steps; a resumed partial epoch's totals sit on rank 0
+            sums = torch.zeros(4, dtype=torch.float64, device=device)
+            if first and main:
+                sums += sums.new_tensor(ckpt["epoch_sums"])
+            seen0 = sums[2].item()
+            bar = tqdm(
+                total=steps_per_epoch,
+                initial=first,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                disable=cfg.quiet or not main,
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
+            batches = data.train_batches(
+                epoch,
+                seed=cfg.seed,
+                batch_size=cfg.batch_size,
+                augment=augment,
+                rank=rank,
+                world=world,
+                accum=cfg.accum_steps,
+                start=first,
+            )
+            for epoch_step, micro in enumerate(batches, start=first + 1):
+                lr = lr_at(step, cfg, steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                part = torch.zeros(4, dtype=torch.float64, device=device)
+                for i, (x, y) in enumerate(micro):
+                    x = x.contiguous(memory_format=fmt)
+                    # Gradients are averaged across processes once per step, on the last micro-batch.
+                    skip_sync = world > 1 and i < len(micro) - 1
+                    with net.no_sync() if skip_sync else contextlib.nullcontext():
+                        try:
+                            with autocast(device, cfg.amp):
+                                logits = net(x)
+                        except (RuntimeError, ValueError) as exc:  # ValueError: BN on one value
+                            raise _shape_error(exc, x, cfg.model) from None
+                        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                        scaler.scale(loss / len(micro)).backward()
+                    part[0] += loss.detach().double() * len(y)
+                    part[1] += (logits.argmax(1) == y).sum()
+                    part[2] += len(y)
+                # One small check per step, agreed by every rank: a non-finite loss, a stop request.
+                flags = torch.stack([(~torch.isfinite(part[0])).double(), part.new_tensor(signals.signum)])
+                if world > 1:
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                bad, signum = (int(v) for v in flags.tolist())
+                if bad:
+                    optimizer.zero_grad(set_to_none=True)
+                    bad_streak += 1
+                    if cfg.nonfinite == "stop" or bad_streak > MAX_SKIPPED_IN_A_ROW:
+                        bar.close()
+                        raise TrainingError(
+                            _nonfinite_message(
+                                cfg,
+                                part,
+                                step,
+                                f"epoch {epoch + 1}, step {epoch_step} of {steps_per_epoch}",
+                                out,
+                                saved_step,
+                                bad_streak,
+                            )
+                        )
+                    sums[3] += 1
+                else:
+                    bad_streak = 0
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    if ema is not None:
+                        ema.update(model)
+                    sums += part
+                step += 1
+                if not bar.disable and (epoch_step % 5 == 0 or epoch_step == steps_per_epoch):
+                    loss_sum, correct, seen = sums[:3].tolist()  # a device sync, so only every few steps
+                    rate = (seen - seen0) * world / max(time.perf_counter() - t_begin, 1e-9)
+                    if seen:
+                        bar.set_postfix(
+                            loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:.0f}"
+                        )
+                bar.update(1)
+                if epoch_step < steps_per_epoch and (
+                    signum or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
+                ):
+                    snapshot(epoch, epoch_step, sums, time.perf_counter() - t0)
+                    if signum:
+                        bar.close()
+                        raise stopped(signum, epoch, epoch_step)
+            if world > 1:
+                dist.all_reduce(sums)
+            epoch_train_s = time.perf_counter() - t0
+            train_time += epoch_train_s
+            loss_sum, correct, seen, skipped = sums.tolist()
+            if not seen:
+                bar.close()
+                raise TrainingError(f"every step of epoch {epoch + 1} had a non-finite loss; stopped")
+            test = evaluate(
+                eval_model, data, tta=cfg.tta, batch_size=cfg.eval_batch_size, amp=cfg.amp, memory_format=fmt
+            )
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": round(loss_sum / seen, 6),
+                "train_top1": round(correct / seen, 6),
+                "test_loss": round(test["loss"], 6),
+                "test_top1": round(test["top1"], 6),
+                "test_top5": round(test["top5"], 6),
+                "lr": round(lr, 8),
+                "images_per_s": round(seen / epoch_train_s, 1),
+                "skipped_steps": int(skipped),
+                "time_s": round(time.perf_counter() - t_start, 2),
+            }
+            rows.append(row)
+            bar.set_postfix(
+                loss=f"{row['train_loss']:.3f}",
+                acc=f"{row['train_top1']:.3f}",
+                test=f"{row['test_top1']:.4f}",
+            )
+            bar.close()
+            snapshot(epoch + 1, 0, sums, 0.0)
+            if main:
+                _write_metrics(out / "metrics.csv", rows)
+                if cfg.quiet:
+                    print(
+                        f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_top1']:.4f}"
+                        f"  test loss {row['test_loss']:.4f} top1 {row['test_top1']:.4f} top5 {row['test_top5']:.4f}"
+                        f"  lr {lr:.4g}  {row['images_per_s']:.0f} img/s  {row['time_s']:.1f} s"
+                        + (f"  {row['skipped_steps']} steps skipped" if skipped else ""),
+                        flush=True,
+                    )
+            if callback is not None:
+                callback(row)
+            if signals.signum and epoch + 1 < cfg.epochs:
+                raise stopped(signals.signum, epoch + 1, 0)
 
     # --- final files -----------------------------------------------------------------------------
     last, best = rows[-1], max(rows, key=lambda r: r["test_top1"])
@@ -457,6 +607,7 @@ def _train(cfg: TrainConfig, callback, rank: int, world: int, device: torch.devi
         "train_top1": last["train_top1"],
         "time_s": last["time_s"],
         "train_images_per_s": round(len(rows) * steps_per_epoch * cfg.batch_size / train_time, 1),
+        "skipped_steps": sum(r.get("skipped_steps", 0) for r in rows),
         "params": n_params,
         "ema": ema is not None,
         "tta": cfg.tta,

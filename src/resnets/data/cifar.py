@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from .images import IMAGE_EXTENSIONS, load_rgb
 from .memory import InMemoryData
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
 CACHE_VERSION = "1"
 
 
@@ -159,13 +159,7 @@ def _list_images(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
 
 
 def _decode(path: Path, size: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}") from None
+    arr = np.asarray(load_rgb(path))
     if arr.shape[:2] != (size, size):
         raise DataError(f"{path} is {arr.shape[1]}x{arr.shape[0]}, expected {size}x{size}")
     return arr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError
 from .augment import Augment, normalize
-from .cifar import IMAGE_EXTENSIONS
+from .images import IMAGE_EXTENSIONS, load_rgb
 from .memory import Batch, epoch_generator, rank_chunks, shard_bounds
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -62,25 +63,46 @@ class _Images(Dataset):
 
         i, sample_seed = key if self.train else (key, 0)
         path, label = self.items[i]
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            s = self.size
-            if self.train:
-                rng = random.Random(sample_seed)
-                left, top, cw, ch = random_resized_box(im.width, im.height, rng)
-                im = im.resize((s, s), Image.BILINEAR, box=(left, top, left + cw, top + ch))
-                if self.flip and rng.random() < 0.5:
-                    im = im.transpose(Image.FLIP_LEFT_RIGHT)
-            else:
-                short = round(s / 0.875)
-                scale = short / min(im.width, im.height)
-                im = im.resize(
-                    (max(s, round(im.width * scale)), max(s, round(im.height * scale))), Image.BILINEAR
-                )
-                left, top = (im.width - s) // 2, (im.height - s) // 2
-                im = im.crop((left, top, left + s, top + s))
-            arr = np.asarray(im, dtype=np.uint8)
+        im = load_rgb(path)
+        s = self.size
+        if self.train:
+            rng = random.Random(sample_seed)
+            left, top, cw, ch = random_resized_box(im.width, im.height, rng)
+            im = im.resize((s, s), Image.BILINEAR, box=(left, top, left + cw, top + ch))
+            if self.flip and rng.random() < 0.5:
+                im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        else:
+            short = round(s / 0.875)
+            scale = short / min(im.width, im.height)
+            im = im.resize(
+                (max(s, round(im.width * scale)), max(s, round(im.height * scale))), Image.BILINEAR
+            )
+            left, top = (im.width - s) // 2, (im.height - s) // 2
+            im = im.crop((left, top, left + s, top + s))
+        arr = np.asarray(im, dtype=np.uint8)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1), label
+
+
+def _iterate(loader: DataLoader) -> Iterator:
+    """The batches of `loader`. An unreadable image in a worker, or a worker that died (killed,
+    out of memory), ends the run with one `DataError` line instead of a worker traceback."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except DataError as exc:  # re-raised from a worker, with the worker's traceback as message
+            lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+            raise DataError(re.sub(r"^[\w.]*DataError: ", "", lines[-1] if lines else "")) from None
+        except RuntimeError as exc:
+            if "DataLoader worker" not in str(exc):
+                raise
+            first = str(exc).strip().splitlines()[0]
+            raise DataError(
+                f"{first.rstrip('.')}; rerun with --workers 0 to see the error in the main process"
+            ) from None
+        yield batch
 
 
 def _collate(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,19 +188,21 @@ class FolderData:
         rank: int = 0,
         world: int = 1,
         accum: int = 1,
+        start: int = 0,
     ) -> Iterator[list[Batch]]:
-        """As `InMemoryData.train_batches`; padding and cutout do not apply to this pipeline."""
+        """As `InMemoryData.train_batches`; padding and cutout do not apply to this pipeline. Each
+        image's crop depends only on its position in the epoch, so skipping `start` steps is exact."""
         gen = epoch_generator(seed, epoch)
         order = torch.randperm(self.num_train, generator=gen).tolist()
         base = (seed * 1_000_003 + epoch) * 1_000_000_007  # + position: each image's crop seed
         batches = []
-        for step in range(self.steps_per_epoch(batch_size)):
+        for step in range(start, self.steps_per_epoch(batch_size)):
             for sel in rank_chunks(batch_size, rank, world, accum):
                 positions = range(step * batch_size + sel.start, step * batch_size + sel.stop)
                 batches.append([(order[p], base + p) for p in positions])
         ds = _Images(self.train_items, self.image_size, train=True, flip=augment.flip)
         micro = []
-        for x, y in self._loader(ds, batches):
+        for x, y in _iterate(self._loader(ds, batches)):
             x = normalize(x.to(self.device, non_blocking=True), self.mean, self.std)
             micro.append((x, y.to(self.device, non_blocking=True)))
             if len(micro) == accum:
@@ -189,7 +213,7 @@ class FolderData:
         lo, hi = shard_bounds(self.num_test, rank, world)
         batches = [list(range(i, min(i + batch_size, hi))) for i in range(lo, hi, batch_size)]
         ds = _Images(self.test_items, self.image_size, train=False, flip=False)
-        for x, y in self._loader(ds, batches):
+        for x, y in _iterate(self._loader(ds, batches)):
             yield normalize(x.to(self.device, non_blocking=True), self.mean, self.std), y.to(self.device)
 
 

@@ -112,16 +112,21 @@ class InMemoryData:
         rank: int = 0,
         world: int = 1,
         accum: int = 1,
+        start: int = 0,
     ) -> Iterator[list[Batch]]:
         """Per optimizer step, this rank's `accum` micro-batches of one global batch (see
-        `rank_chunks`), augmented and normalised."""
+        `rank_chunks`), augmented and normalised. `start` skips the first steps of the epoch (a
+        run resumed mid-epoch): their random draws are made and dropped, so the steps that follow
+        get exactly the images and augmentation they would have had."""
         gen = epoch_generator(seed, epoch)
         order = torch.randperm(self.num_train, generator=gen).to(self.train_y.device)
         chunks = rank_chunks(batch_size, rank, world, accum)
         h, w = self.train_x.shape[-2:]
         for step in range(self.steps_per_epoch(batch_size)):
-            idx = order[step * batch_size : (step + 1) * batch_size]
             params = augment.draw(batch_size, h, w, gen)  # for the whole global batch, as every rank
+            if step < start:
+                continue
+            idx = order[step * batch_size : (step + 1) * batch_size]
             micro = []
             for sel in chunks:
                 x = augment.apply(

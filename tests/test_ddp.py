@@ -59,3 +59,18 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     # BN running statistics differ (each rank keeps those of its own half batch), so the test
     # numbers agree only roughly.
     assert ddp["test_top1"] == pytest.approx(single["test_top1"], abs=0.1)
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_dead_rank_and_the_run_resumes(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    _run([*torchrun, "-m", "resnets", "train"], tmp_path / "straight")
+    script = os.path.join(os.path.dirname(__file__), "ddp_die_once.py")
+    printed = _run([*torchrun, "--max-restarts", "1", script], tmp_path / "restarted")
+    assert "resuming after epoch 1" in printed  # the second attempt went on from the checkpoint
+    with open(tmp_path / "restarted" / "metrics.csv") as f:
+        assert [line.split(",")[0] for line in f.read().splitlines()[1:]] == ["1", "2"]
+    a, b = (torch.load(tmp_path / d / "last.ckpt", weights_only=True) for d in ("straight", "restarted"))
+    assert a["step"] == b["step"] == 8
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k

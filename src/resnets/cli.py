@@ -367,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except (UserError, UnknownModelError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # One line, whatever the message quotes (an argument may hold a newline).
+        one_line = str(exc).strip().replace("\r", "\\r").replace("\n", "\\n")
+        print(f"error: {one_line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

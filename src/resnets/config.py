@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import json
 import math
 import sys
 import typing
@@ -158,13 +157,27 @@ class TrainConfig:
         return "\n".join(lines) + "\n"
 
 
+def _toml_str(s: str) -> str:
+    """A TOML basic string: quote, backslash and control characters escaped, the rest as is
+    (JSON's escapes would write characters outside the BMP as surrogate pairs, which TOML refuses)."""
+    out = []
+    for ch in s:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
 def _toml_value(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v)  # JSON's string escapes are all valid TOML basic-string escapes
+        return _toml_str(v)
     if isinstance(v, (tuple, list)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} as TOML")
@@ -191,11 +204,12 @@ def _check_types(cfg: TrainConfig) -> None:
             bool: isinstance(v, bool),
             int: isinstance(v, int) and not isinstance(v, bool),
             float: isinstance(v, (int, float)) and not isinstance(v, bool),
-            str: isinstance(v, str),
+            # Lone surrogates: undecodable bytes of a command-line argument; not writable as UTF-8.
+            str: isinstance(v, str) and not any("\ud800" <= c <= "\udfff" for c in v),
             tuple: isinstance(v, tuple) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
         }[t]
         if not ok:
-            kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+            kind = {bool: "true or false", int: "an integer", float: "a number", str: "valid text"}
             raise ConfigError(f"{name} must be {kind.get(t, 'a list of integers')}, got {v!r}")
 
 

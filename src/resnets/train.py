@@ -105,6 +105,32 @@ def _dist_env() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def _init_process_group(backend: str, rank: int, world: int) -> None:
+    """`init_process_group` from torchrun's environment.
+
+    torchrun shares one key-value store between its rendezvous and the processes it starts, and
+    keeps it across restarts; the process group's keys from before a restart are still there and
+    the new processes can read the old addresses (connection refused, or a hang). Under a
+    restarted torchrun the keys get a prefix per attempt, as every process of an attempt
+    restarts together and sees the same count.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend)
+        return
+    from datetime import timedelta
+
+    base = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=False,  # the torchrun agent serves this store
+        timeout=timedelta(minutes=10),
+    )
+    store = dist.PrefixStore(f"resnets/attempt_{restart}", base)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+
+
 def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
     if cfg.device == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -273,7 +299,7 @@ def train(cfg: TrainConfig, callback: Callable[[dict], None] | None = None) -> d
     if started_dist:
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _init_process_group("nccl" if device.type == "cuda" else "gloo", rank, world)
     prev_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         return _train(cfg, callback, rank, world, device)

@@ -80,6 +80,8 @@ def test_sigterm_stops_after_the_step_and_the_resumed_run_is_bit_identical(tmp_p
 
     def lr_at(step, cfg, steps_per_epoch):
         if step == 11:  # inside epoch 2, between two checkpoints (every 2 steps)
+            # Twice at once, as a worker under torchrun gets Ctrl-C: still one graceful stop.
+            os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
         return real_lr_at(step, cfg, steps_per_epoch)
 

@@ -223,11 +223,11 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 class _StopSignals:
     """While active, SIGINT and SIGTERM ask the loop to stop after the current step (`signum` is
-    set); a second signal stops at once with KeyboardInterrupt. Only the main thread can install
-    handlers; elsewhere the signals keep their usual effect."""
+    set); a second signal, a second or more later, stops at once with KeyboardInterrupt. Only the
+    main thread can install handlers; elsewhere the signals keep their usual effect."""
 
     def __init__(self, announce: bool):
-        self.announce, self.signum, self.previous = announce, 0, {}
+        self.announce, self.signum, self.first_at, self.previous = announce, 0, 0.0, {}
 
     def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -237,8 +237,12 @@ class _StopSignals:
 
     def _handle(self, signum, frame) -> None:
         if self.signum:
-            raise KeyboardInterrupt
-        self.signum = signum
+            # Ctrl-C under torchrun reaches a worker twice at once (from the terminal and
+            # forwarded by torchrun): only a signal that comes later is a second request.
+            if time.monotonic() - self.first_at > 1.0:
+                raise KeyboardInterrupt
+            return
+        self.signum, self.first_at = signum, time.monotonic()
         if self.announce:
             print(
                 f"\n{signal.Signals(signum).name}: finishing this step and writing a checkpoint "

@@ -469,7 +469,7 @@ def _train(cfg: TrainConfig, callback, rank: int, world: int, device: torch.devi
 
     def stopped(signum: int, epoch: int, epoch_step: int) -> RunStopped:
         where = (
-            f"epoch {epoch + 1}, step {epoch_step} of {steps_per_epoch}" if epoch_step else f"epoch {epoch}"
+            f"epoch {epoch + 1}, step {epoch_step} of {steps_per_epoch}" if epoch_step else f"end of epoch {epoch}"
         )
         return RunStopped(
             f"stopped by {signal.Signals(signum).name} after step {step} ({where}); {out / 'last.ckpt'} "

@@ -322,3 +322,13 @@ def test_report_how_many_cases_were_tried(capsys):
         print(f"\nhypothesis cases tried: {CASES}")
     if all(CASES[k] for k in ("config", "toml", "cli")):  # the module ran as a whole
         assert CASES["config"] >= 100 and CASES["cli"] >= 100 and CASES["accepted"] >= 20
+
+
+@pytest.mark.parametrize("key", ["weight_decay", "warmup_epochs", "gamma", "lr", "label_smoothing"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_numbers_in_a_recipe_are_refused(tmp_path, key, value):
+    # Found by the property test above: weight_decay = nan used to be accepted.
+    path = tmp_path / "r.toml"
+    path.write_text(f"{key} = {value}\n")
+    with pytest.raises(ConfigError, match=f"{key} must be"):
+        load_config(path)

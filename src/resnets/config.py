@@ -105,6 +105,9 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_types(self)
+        for name, t in field_types().items():
+            if t is float and not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
         positive = ("epochs", "batch_size", "accum_steps", "image_size", "eval_batch_size")
         for name in positive:
             if getattr(self, name) < 1:

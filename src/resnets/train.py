@@ -469,7 +469,9 @@ def _train(cfg: TrainConfig, callback, rank: int, world: int, device: torch.devi
 
     def stopped(signum: int, epoch: int, epoch_step: int) -> RunStopped:
         where = (
-            f"epoch {epoch + 1}, step {epoch_step} of {steps_per_epoch}" if epoch_step else f"end of epoch {epoch}"
+            f"epoch {epoch + 1}, step {epoch_step} of {steps_per_epoch}"
+            if epoch_step
+            else f"end of epoch {epoch}"
         )
         return RunStopped(
             f"stopped by {signal.Signals(signum).name} after step {step} ({where}); {out / 'last.ckpt'} "
@@ -527,14 +529,23 @@ def _train(cfg: TrainConfig, callback, rank: int, world: int, device: torch.devi
                             raise _shape_error(exc, x, cfg.model) from None
                         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                         scaler.scale(loss / len(micro)).backward()
-                    part[0] += loss.detach().double() * len(y)
-                    part[1] += (logits.argmax(1) == y).sum()
-                    part[2] += len(y)
-                # One small check per step, agreed by every rank: a non-finite loss, a stop request.
-                flags = torch.stack([(~torch.isfinite(part[0])).double(), part.new_tensor(signals.signum)])
+                    part += torch.stack(
+                        [
+                            loss.detach().double() * len(y),
+                            (logits.argmax(1) == y).sum().double(),
+                            part.new_tensor(len(y)),
+                            part.new_zeros(()),
+                        ]
+                    )
+                # One check per step, before the update: a non-finite loss, a stop request. Under
+                # DDP every rank must decide alike, so the flags are reduced over the ranks.
+                finite = torch.isfinite(part[0])
                 if world > 1:
+                    flags = torch.stack([(~finite).double(), part.new_tensor(signals.signum)])
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                bad, signum = (int(v) for v in flags.tolist())
+                    bad, signum = (int(v) for v in flags.tolist())
+                else:
+                    bad, signum = not finite.item(), signals.signum
                 if bad:
                     optimizer.zero_grad(set_to_none=True)
                     bad_streak += 1

@@ -13,7 +13,11 @@ from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 import resnets
 from resnets import ResNet, create_model
 from resnets.deploy import (
+    MAX_GEMM_ROWS,
     Deployed,
+    GemmConv2d,
+    choose_conv_paths,
+    conv_as_gemm,
     deploy,
     fold_batchnorm,
     fold_pairs,
@@ -99,8 +103,23 @@ def test_declared_pairs_are_exactly_the_traced_conv_bn_pairs(name):
         assert across == {("stem.conv", "stages.0.0.bn1")} and model.spec.block.startswith("preact")
 
 
+def _force_gemm(monkeypatch, gemm_wins: bool) -> list:
+    """Replace the timing by a fixed verdict; returns the list of timed calls."""
+    calls = []
+
+    def fake_best_time(fn, other, repeats):
+        calls.append(repeats)
+        return (0.0, 1.0) if gemm_wins else (1.0, 1.0)
+
+    monkeypatch.setattr(sys.modules["resnets.deploy"], "_best_time", fake_best_time)
+    return calls
+
+
+@pytest.mark.parametrize("convs_as_gemm", [False, True], ids=["timed", "all-gemm"])
 @pytest.mark.parametrize(("name", "size"), FAMILY_MODELS)
-def test_folded_model_gives_the_same_logits(name, size):
+def test_folded_model_gives_the_same_logits(name, size, convs_as_gemm, monkeypatch):
+    if convs_as_gemm:  # every candidate conv as patches + matrix multiply, whatever the timing says
+        _force_gemm(monkeypatch, gemm_wins=True)
     model = make(name)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -115,6 +134,93 @@ def test_folded_model_gives_the_same_logits(name, size):
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     n_left = sum(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
     assert n_bn - n_left == len(fold_pairs(model)) > 0
+    swapped = {m for m in fast.model.modules() if isinstance(m, GemmConv2d)}
+    # Grouped convs (ResNeXt) keep the conv kernel; every other conv is a candidate.
+    assert swapped == {m for m in fast.model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1}
+    if convs_as_gemm:
+        assert len(fast.conv_paths) > 0 and all(gemm for _, _, gemm in fast.conv_paths)
+        for conv_name, shape, _ in fast.conv_paths:
+            assert shape in fast.model.get_submodule(conv_name).gemm_shapes
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize(
+    ("cin", "cout", "k", "stride", "pad", "size", "bias"),
+    [
+        (8, 16, 3, 1, 1, 7, True),
+        (8, 16, 3, 2, 1, 14, False),
+        (8, 16, 3, 2, 1, 15, True),  # odd size: the last window stops short of the padded edge
+        (16, 8, 1, 1, 0, 7, True),
+        (16, 8, 1, 2, 0, 14, True),
+        (3, 8, 7, 2, 3, 32, False),  # an ImageNet stem
+        (4, 4, 3, 1, 0, 9, True),  # no padding
+    ],
+)
+def test_conv_as_gemm_is_the_convolution(cin, cout, k, stride, pad, size, bias, channels_last):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, stride, pad, bias=bias).eval()
+    x = torch.randn(3, cin, size, size)
+    if channels_last:
+        conv.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = nn.functional.conv2d(x, conv.weight, conv.bias, stride, pad)
+        got = conv_as_gemm(x, conv)
+    assert got.shape == want.shape and want.abs().max() > 0.5
+    assert (got - want).abs().max().item() <= 1e-5
+    if channels_last:  # the product comes out channels-last, as the next layer wants it
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_conv_paths_are_timed_once_per_shape_and_keep_the_state_dict(monkeypatch):
+    calls = _force_gemm(monkeypatch, gemm_wins=True)
+    model = make("resnet20")
+    fast = deploy(model, compile=False)
+    plain = deploy(model, compile=False, conv_gemm=False)
+    assert not any(isinstance(m, GemmConv2d) for m in plain.model.modules())
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(2, 3, 32, 32)
+    fast(x)
+    first = len(calls)
+    assert len(fast.conv_paths) == 19  # resnet20: stem + 9 blocks x 2 convs (zero-pad shortcuts)
+    # Repeated blocks share a configuration and input shape: each distinct pair is timed once.
+    distinct = set()
+    for conv_name, shape, _ in fast.conv_paths:
+        m = fast.model.get_submodule(conv_name)
+        distinct.add((m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, shape))
+    assert first == len(distinct) < 19
+    fast(x)
+    assert len(calls) == first  # same shape: no new timing
+    fast(torch.randn(1, 3, 32, 32))
+    assert len(calls) > first and len(fast.conv_paths) == 38
+    conv = fast.model.stem.conv
+    assert conv.gemm_shapes == {(2, 3, 32, 32), (1, 3, 32, 32)}
+
+
+def test_conv_kernel_kept_where_the_gemm_is_not_faster(monkeypatch):
+    _force_gemm(monkeypatch, gemm_wins=False)
+    fast = deploy(make("resnet20"), compile=False)
+    fast(torch.randn(2, 3, 32, 32))
+    assert len(fast.conv_paths) == 19 and not any(gemm for _, _, gemm in fast.conv_paths)
+    assert all(not m.gemm_shapes for m in fast.model.modules() if isinstance(m, GemmConv2d))
+
+
+def test_large_outputs_are_not_timed(monkeypatch):
+    calls = _force_gemm(monkeypatch, gemm_wins=True)
+    model = deploy(make("resnet20"), compile=False).model
+    batch = MAX_GEMM_ROWS // (32 * 32) + 1  # the first stage's convs exceed the limit, the last's not
+    chosen = choose_conv_paths(
+        model, torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    )
+    names = {n for n, _, _ in chosen}
+    assert "stem.conv" not in names and "stages.2.2.conv2" in names and calls
+
+
+def test_no_gemm_path_without_channels_last():
+    flat = deploy(make("resnet20"), compile=False, channels_last=False)
+    assert not any(isinstance(m, GemmConv2d) for m in flat.model.modules())
+    flat(torch.randn(1, 3, 32, 32))
+    assert flat.conv_paths == []
 
 
 def test_package_exports_deploy():

@@ -5,19 +5,35 @@ class lists in `fold_pairs()` the (conv, BN) pairs whose BN reads exactly that c
 the conv gets the BN's scale and shift (a biased conv) and the BN becomes `nn.Identity`, so each
 block's own forward still runs unchanged. BNs that precede a conv (pre-activation) or follow an
 add (iResNet end blocks) are left alone: folding them would change the function.
+
+On the CPU, a convolution with a large weight and few output pixels (the last stage of an
+ImageNet net at small batch: 1024 x 1024 x 3 x 3 over a 7 x 7 map) runs 2-3x faster as one matrix
+multiply over gathered patches than through the convolution kernel (measured: 43 against 139
+GFLOP/s on a 2-core AVX-512 machine; benchmarks/gemm_conv.py). Which path wins depends on the machine and the shape, so `deploy` times both for every such conv at the first
+call with each input shape and keeps the faster (`GemmConv2d`).
 """
 
 from __future__ import annotations
 
 import copy
+import time
 import types
 import warnings
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Deployed", "deploy", "fold_batchnorm", "fold_pairs"]
+__all__ = [
+    "Deployed",
+    "GemmConv2d",
+    "choose_conv_paths",
+    "conv_as_gemm",
+    "deploy",
+    "fold_batchnorm",
+    "fold_pairs",
+]
 
 
 def fold_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -108,6 +124,134 @@ def _own_code(fn: Callable) -> Callable:
     return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
+def conv_as_gemm(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """`conv(x)` as im2col + one matrix multiply, in channels-last order throughout.
+
+    The patches are gathered as (batch, out_h, out_w, kh * kw * in_channels), which is the order
+    of a channels-last weight's memory, so the weight is used as a (out, kh * kw * in) matrix
+    without a copy, and the product (batch, out_h, out_w, out) is the output in channels-last
+    layout. Needs groups 1, dilation 1, zero padding, square kernel and stride.
+    """
+    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    b, _, h, w = x.shape
+    out_h, out_w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    xp = x.permute(0, 2, 3, 1)
+    if p:
+        xp = F.pad(xp, (0, 0, p, p, p, p))
+    if k == 1:
+        cols = xp[:, ::s, ::s, :] if s > 1 else xp
+    else:
+        cols = torch.cat(
+            [
+                xp[:, i : i + s * (out_h - 1) + 1 : s, j : j + s * (out_w - 1) + 1 : s, :]
+                for i in range(k)
+                for j in range(k)
+            ],
+            dim=3,
+        )
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
+    return F.linear(cols, weight, conv.bias).permute(0, 3, 1, 2)
+
+
+def _gemm_capable(conv: nn.Module) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and conv.groups == 1
+        and conv.dilation == (1, 1)
+        and conv.padding_mode == "zeros"
+        and isinstance(conv.padding, tuple)
+        and len(set(conv.padding)) == 1
+        and conv.kernel_size[0] == conv.kernel_size[1]
+        and conv.stride[0] == conv.stride[1]
+    )
+
+
+class GemmConv2d(nn.Conv2d):
+    """An `nn.Conv2d` that runs as `conv_as_gemm` for the input shapes listed in `gemm_shapes`.
+
+    `deploy` turns eligible convs of its private copy into this class (same parameters, same
+    state dict) and `choose_conv_paths` fills `gemm_shapes` by timing. Under `torch.compile` the
+    shape test is resolved at trace time, so each compiled graph holds one path per conv.
+    """
+
+    gemm_shapes: frozenset = frozenset()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape) in self.gemm_shapes:
+            return conv_as_gemm(x, self)
+        return super().forward(x)
+
+
+def _best_time(fn: Callable[[], object], other: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Fastest of `repeats` calls of each, alternating, after one warm-up call of each."""
+    fn(), other()
+    best = [float("inf"), float("inf")]
+    for _ in range(repeats):
+        for i, f in enumerate((fn, other)):
+            t0 = time.perf_counter()
+            f()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best[0], best[1]
+
+
+# Beyond this many output rows (batch x out_h x out_w) the conv kernels are efficient and the
+# gathered patches large (9x the input for a 3x3 conv): not worth timing.
+MAX_GEMM_ROWS = 4096
+# The matrix multiply must win by this factor, so that timing noise does not flip a choice.
+GEMM_MARGIN = 0.95
+
+
+def choose_conv_paths(
+    model: nn.Module, x: torch.Tensor, *, repeats: int = 3
+) -> list[tuple[str, tuple, bool]]:
+    """Time both paths of every `GemmConv2d` at the shape `x` gives it; returns (conv, shape, gemm).
+
+    One eager forward records each conv's input shape (channels-last inputs only: the gathered
+    path is written for them); each distinct (conv configuration, shape) is then timed once on a
+    random input of that shape, conv kernel against matrix multiply, and the multiply is kept
+    where it is at least 5% faster.
+    """
+    seen: dict[GemmConv2d, tuple[int, ...]] = {}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        (inp,) = args[:1]
+        if inp.ndim == 4 and inp.is_contiguous(memory_format=torch.channels_last):
+            seen.setdefault(module, tuple(inp.shape))
+
+    names = {m: n for n, m in model.named_modules()}
+    convs = [m for m in model.modules() if isinstance(m, GemmConv2d)]
+    hooks = [m.register_forward_pre_hook(record) for m in convs]
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    verdicts: dict[tuple, bool] = {}
+    chosen = []
+    with torch.inference_mode():
+        for conv, shape in seen.items():
+            k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+            rows = shape[0] * ((shape[2] + 2 * p - k) // s + 1) * ((shape[3] + 2 * p - k) // s + 1)
+            if rows > MAX_GEMM_ROWS:
+                continue
+            key = (conv.in_channels, conv.out_channels, k, s, p, conv.bias is not None, shape)
+            if key not in verdicts:
+                inp = torch.randn(shape, device=conv.weight.device).to(
+                    dtype=conv.weight.dtype, memory_format=torch.channels_last
+                )
+                t_gemm, t_conv = _best_time(
+                    lambda c=conv, i=inp: conv_as_gemm(i, c),
+                    lambda c=conv, i=inp: nn.Conv2d.forward(c, i),
+                    repeats,
+                )
+                verdicts[key] = t_gemm < GEMM_MARGIN * t_conv
+            if verdicts[key]:
+                conv.gemm_shapes = conv.gemm_shapes | {shape}
+            chosen.append((names[conv], shape, verdicts[key]))
+    return chosen
+
+
 class _CompiledOrFrozen:
     """Runs `torch.compile` with inductor freezing; if compiling fails, a frozen TorchScript trace.
 
@@ -169,6 +313,10 @@ class Deployed(nn.Module):
         self.dtype = dtype
         self.channels_last = channels_last
         self.spec, self.name = getattr(model, "spec", None), getattr(model, "name", None)
+        # (conv, input shape, runs as matrix multiply) for every conv timed so far; see GemmConv2d.
+        self.conv_paths: list[tuple[str, tuple, bool]] = []
+        self.__dict__["_timed_shapes"] = set()
+        self.__dict__["_time_convs"] = any(isinstance(m, GemmConv2d) for m in model.modules())
         # Not a submodule: the compiled wrapper shares `model`'s parameters, which must not be
         # listed twice in the state dict.
         self.__dict__["_runner"] = _CompiledOrFrozen(model) if compile else None
@@ -188,6 +336,10 @@ class Deployed(nn.Module):
         with torch.inference_mode():
             fmt = torch.channels_last if self.channels_last and x.ndim == 4 else torch.contiguous_format
             y = x.to(dtype=self.dtype, memory_format=fmt)
+            if self._time_convs and tuple(y.shape) not in self._timed_shapes:
+                # Before compiling for this shape, so the graph is traced with the chosen paths.
+                self.conv_paths += choose_conv_paths(self.model, y)
+                self._timed_shapes.add(tuple(y.shape))
             out = self.model(y) if self._runner is None else self._runner(y)
             return out.to(x.dtype) if x.is_floating_point() else out
 
@@ -198,6 +350,7 @@ def deploy(
     dtype: torch.dtype | None = None,
     channels_last: bool = True,
     compile: bool = True,
+    conv_gemm: bool = True,
 ) -> Deployed:
     """An inference-ready copy of `model`: BN folded, channels-last, compiled, optionally bf16/fp16.
 
@@ -205,6 +358,11 @@ def deploy(
     (or float16) casts the weights; where the device has no native support for it, a warning is
     given and the model stays float32. Compilation happens on the first call (seconds to minutes);
     if `torch.compile` is unavailable it falls back to a frozen TorchScript trace.
+
+    `conv_gemm` (CPU, channels-last): at the first call with each input shape, convs with at
+    most `MAX_GEMM_ROWS` output rows are timed as a conv kernel and as a matrix multiply over
+    gathered patches, and run the faster way from then on (`Deployed.conv_paths` lists the
+    choices). It changes outputs only by float rounding.
     """
     net = copy.deepcopy(model).eval()
     fold_batchnorm(net)
@@ -222,4 +380,8 @@ def deploy(
             )
     if channels_last:
         net.to(memory_format=torch.channels_last)
+        if conv_gemm and device.type == "cpu":
+            for module in net.modules():
+                if _gemm_capable(module):
+                    module.__class__ = GemmConv2d  # same parameters and state dict, one more path
     return Deployed(net, _param_device_dtype(net)[1], channels_last, compile)

@@ -21,6 +21,7 @@ Usage:
   python benchmarks/speed.py --only deploy --nets resnet50 --batches 1
   python benchmarks/speed.py --only agree --checkpoint runs/cifar10_resnet20/model.safetensors
   python benchmarks/speed.py --device cuda            # the same on a GPU (adds float16)
+  bash benchmarks/gpu_check.sh                        # every GPU check in one call (see there)
 """
 
 from __future__ import annotations
@@ -299,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nets", nargs="+", default=NETS, help="ImageNet nets of the eager/train/deploy parts")
     p.add_argument("--cifar-nets", nargs="+", default=CIFAR_NETS)
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16], help="eager and deploy batch sizes")
+    p.add_argument(
+        "--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"], help="deploy/cifar dtypes [all native]"
+    )
     p.add_argument("--checkpoint", help="agree part: a CIFAR-10 model.safetensors from `resnets train`")
     p.add_argument("--data-dir", default="data", help="agree part: where cifar10 lives [data]")
     p.add_argument(
@@ -319,7 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         {"min_repeats": 3, "max_seconds": 6.0} if args.quick else {"min_repeats": 7, "max_seconds": 40.0}
     )
     candidates = [torch.float32, torch.bfloat16] + ([torch.float16] if dev.type == "cuda" else [])
-    args.dtypes = [d for d in candidates if low_precision_supported(d, dev)]
+    args.dtypes = [
+        d
+        for d in candidates
+        if low_precision_supported(d, dev) and (not args.dtypes or str(d).removeprefix("torch.") in args.dtypes)
+    ]
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
 
     print(f"machine: {machine_info(args.device)}", flush=True)

@@ -301,7 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cifar-nets", nargs="+", default=CIFAR_NETS)
     p.add_argument("--batches", nargs="+", type=int, default=[1, 16], help="eager and deploy batch sizes")
     p.add_argument(
-        "--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"], help="deploy/cifar dtypes [all native]"
+        "--dtypes",
+        nargs="+",
+        choices=["float32", "bfloat16", "float16"],
+        help="deploy/cifar dtypes [all native]",
     )
     p.add_argument("--checkpoint", help="agree part: a CIFAR-10 model.safetensors from `resnets train`")
     p.add_argument("--data-dir", default="data", help="agree part: where cifar10 lives [data]")
@@ -326,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     args.dtypes = [
         d
         for d in candidates
-        if low_precision_supported(d, dev) and (not args.dtypes or str(d).removeprefix("torch.") in args.dtypes)
+        if low_precision_supported(d, dev)
+        and (not args.dtypes or str(d).removeprefix("torch.") in args.dtypes)
     ]
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
 

@@ -22,7 +22,9 @@ def exact_float32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
-@pytest.mark.parametrize("name", ["resnet50", "resnext50_32x4d", "res2net50_26w_4s", "preact_resnet50", "iresnet50"])
+@pytest.mark.parametrize(
+    "name", ["resnet50", "resnext50_32x4d", "res2net50_26w_4s", "preact_resnet50", "iresnet50"]
+)
 def test_cuda_forward_matches_cpu(name):
     torch.manual_seed(0)
     model = create_model(name).eval()

@@ -414,6 +414,9 @@ def bench_model(
         row["backend"] = run.backend
         # What actually ran: deploy keeps float32 where the device has no native bf16/fp16.
         row["deployed_dtype"] = str(run.dtype).removeprefix("torch.")
+        # CPU: convs timed at this shape, and how many run as a matrix multiply (resnets.deploy.GemmConv2d).
+        row["convs_timed"] = len(run.conv_paths)
+        row["convs_as_gemm"] = sum(gemm for _, _, gemm in run.conv_paths)
     fns = [_step_fn(run, x, mode, dtype, autocast=not deploy and dtype != torch.float32)]
     if peer_model is not None:
         fns.append(_step_fn(peer_model, x, mode, peer_dtype, autocast=peer_dtype != torch.float32))

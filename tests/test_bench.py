@@ -135,8 +135,8 @@ def test_bench_deploy_row(monkeypatch):
     check_consistent(row)
     assert row["deploy"] is True and row["backend"] == "torchscript" and row["compile_s"] > 0
     assert row["deployed_dtype"] == "float32"
-    # resnet20 has 19 convs; at 16x16 and batch 2 each is small enough to be timed both ways.
-    assert row["convs_timed"] == 19 and 0 <= row["convs_as_gemm"] <= 19
+    # resnet20 has 11 convs with >= 256 inputs per output; at 16x16, batch 2, each is timed both ways.
+    assert row["convs_timed"] == 11 and 0 <= row["convs_as_gemm"] <= 11
 
 
 def test_interleaving_alternates_the_order_and_respects_min_repeats():

@@ -14,6 +14,7 @@ import resnets
 from resnets import ResNet, create_model
 from resnets.deploy import (
     MAX_GEMM_ROWS,
+    MIN_GEMM_DEPTH,
     Deployed,
     GemmConv2d,
     choose_conv_paths,
@@ -135,8 +136,14 @@ def test_folded_model_gives_the_same_logits(name, size, convs_as_gemm, monkeypat
     n_left = sum(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
     assert n_bn - n_left == len(fold_pairs(model)) > 0
     swapped = {m for m in fast.model.modules() if isinstance(m, GemmConv2d)}
-    # Grouped convs (ResNeXt) keep the conv kernel; every other conv is a candidate.
-    assert swapped == {m for m in fast.model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1}
+    # Grouped convs (ResNeXt) and thin ones (stems) keep the conv kernel; every other conv is a candidate.
+    assert swapped == {
+        m
+        for m in fast.model.modules()
+        if isinstance(m, nn.Conv2d) and m.groups == 1 and m.weight[0].numel() >= MIN_GEMM_DEPTH
+    }
+    first_conv = next(m for m in fast.model.modules() if isinstance(m, nn.Conv2d))  # reads the 3 RGB channels
+    assert swapped and not isinstance(first_conv, GemmConv2d)
     if convs_as_gemm:
         assert len(fast.conv_paths) > 0 and all(gemm for _, _, gemm in fast.conv_paths)
         for conv_name, shape, _ in fast.conv_paths:
@@ -182,26 +189,27 @@ def test_conv_paths_are_timed_once_per_shape_and_keep_the_state_dict(monkeypatch
     x = torch.randn(2, 3, 32, 32)
     fast(x)
     first = len(calls)
-    assert len(fast.conv_paths) == 19  # resnet20: stem + 9 blocks x 2 convs (zero-pad shortcuts)
+    # resnet20: stem + 9 blocks x 2 convs; 11 have >= 256 inputs per output (32- and 64-channel 3x3s).
+    assert len(fast.conv_paths) == 11
     # Repeated blocks share a configuration and input shape: each distinct pair is timed once.
     distinct = set()
     for conv_name, shape, _ in fast.conv_paths:
         m = fast.model.get_submodule(conv_name)
         distinct.add((m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, shape))
-    assert first == len(distinct) < 19
+    assert first == len(distinct) < 11
     fast(x)
     assert len(calls) == first  # same shape: no new timing
     fast(torch.randn(1, 3, 32, 32))
-    assert len(calls) > first and len(fast.conv_paths) == 38
-    conv = fast.model.stem.conv
-    assert conv.gemm_shapes == {(2, 3, 32, 32), (1, 3, 32, 32)}
+    assert len(calls) > first and len(fast.conv_paths) == 22
+    conv = fast.model.get_submodule("stages.2.2.conv2")
+    assert conv.gemm_shapes == {(2, 64, 8, 8), (1, 64, 8, 8)}
 
 
 def test_conv_kernel_kept_where_the_gemm_is_not_faster(monkeypatch):
     _force_gemm(monkeypatch, gemm_wins=False)
     fast = deploy(make("resnet20"), compile=False)
     fast(torch.randn(2, 3, 32, 32))
-    assert len(fast.conv_paths) == 19 and not any(gemm for _, _, gemm in fast.conv_paths)
+    assert len(fast.conv_paths) == 11 and not any(gemm for _, _, gemm in fast.conv_paths)
     assert all(not m.gemm_shapes for m in fast.model.modules() if isinstance(m, GemmConv2d))
 
 

@@ -141,22 +141,24 @@ def conv_as_gemm(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     if k == 1:
         cols = xp[:, ::s, ::s, :] if s > 1 else xp
     else:
-        cols = torch.cat(
-            [
-                xp[:, i : i + s * (out_h - 1) + 1 : s, j : j + s * (out_w - 1) + 1 : s, :]
-                for i in range(k)
-                for j in range(k)
-            ],
-            dim=3,
-        )
+        # (b, out_h, out_w, C, kh, kw) windows as a view, then one copy into (kh, kw, C) order.
+        windows = xp.unfold(1, k, s).unfold(2, k, s)
+        cols = windows.permute(0, 1, 2, 4, 5, 3).reshape(b, out_h, out_w, -1)
     weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
     return F.linear(cols, weight, conv.bias).permute(0, 3, 1, 2)
+
+
+# Convs with fewer inputs per output (in_channels x kh x kw) than this stay conv kernels: a matrix
+# multiply that thin gains nothing, and inductor compiles such gathers very slowly (a stem conv over
+# 3 channels as a matrix multiply stalled its scheduler for minutes).
+MIN_GEMM_DEPTH = 256
 
 
 def _gemm_capable(conv: nn.Module) -> bool:
     return (
         type(conv) is nn.Conv2d
         and conv.groups == 1
+        and conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] >= MIN_GEMM_DEPTH
         and conv.dilation == (1, 1)
         and conv.padding_mode == "zeros"
         and isinstance(conv.padding, tuple)

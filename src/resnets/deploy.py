@@ -9,8 +9,9 @@ add (iResNet end blocks) are left alone: folding them would change the function.
 On the CPU, a convolution with a large weight and few output pixels (the last stage of an
 ImageNet net at small batch: 1024 x 1024 x 3 x 3 over a 7 x 7 map) runs 2-3x faster as one matrix
 multiply over gathered patches than through the convolution kernel (measured: 43 against 139
-GFLOP/s on a 2-core AVX-512 machine; benchmarks/gemm_conv.py). Which path wins depends on the machine and the shape, so `deploy` times both for every such conv at the first
-call with each input shape and keeps the faster (`GemmConv2d`).
+GFLOP/s on a 2-core AVX-512 machine; benchmarks/gemm_conv.py). Which path wins depends on the
+machine and the shape, so `deploy` times both for every such conv at the first call with each
+input shape and keeps the faster (`GemmConv2d`).
 """
 
 from __future__ import annotations
@@ -124,6 +125,12 @@ def _own_code(fn: Callable) -> Callable:
     return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
+def _out_size(n: int, conv: nn.Conv2d) -> int:
+    """Output length of a square-kernel, square-stride, dilation-1 conv along an input side of n."""
+    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    return (n + 2 * p - k) // s + 1
+
+
 def conv_as_gemm(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """`conv(x)` as im2col + one matrix multiply, in channels-last order throughout.
 
@@ -134,7 +141,7 @@ def conv_as_gemm(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """
     k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
     b, _, h, w = x.shape
-    out_h, out_w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    out_h, out_w = _out_size(h, conv), _out_size(w, conv)
     xp = x.permute(0, 2, 3, 1)
     if p:
         xp = F.pad(xp, (0, 0, p, p, p, p))
@@ -216,7 +223,7 @@ def choose_conv_paths(
     seen: dict[GemmConv2d, tuple[int, ...]] = {}
 
     def record(module: nn.Module, args: tuple) -> None:
-        (inp,) = args[:1]
+        inp = args[0]
         if inp.ndim == 4 and inp.is_contiguous(memory_format=torch.channels_last):
             seen.setdefault(module, tuple(inp.shape))
 
@@ -233,11 +240,10 @@ def choose_conv_paths(
     chosen = []
     with torch.inference_mode():
         for conv, shape in seen.items():
-            k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
-            rows = shape[0] * ((shape[2] + 2 * p - k) // s + 1) * ((shape[3] + 2 * p - k) // s + 1)
-            if rows > MAX_GEMM_ROWS:
+            if shape[0] * _out_size(shape[2], conv) * _out_size(shape[3], conv) > MAX_GEMM_ROWS:
                 continue
-            key = (conv.in_channels, conv.out_channels, k, s, p, conv.bias is not None, shape)
+            key = (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding)
+            key += (conv.bias is not None, shape)
             if key not in verdicts:
                 inp = torch.randn(shape, device=conv.weight.device).to(
                     dtype=conv.weight.dtype, memory_format=torch.channels_last
@@ -362,9 +368,9 @@ def deploy(
     if `torch.compile` is unavailable it falls back to a frozen TorchScript trace.
 
     `conv_gemm` (CPU, channels-last): at the first call with each input shape, convs with at
-    most `MAX_GEMM_ROWS` output rows are timed as a conv kernel and as a matrix multiply over
-    gathered patches, and run the faster way from then on (`Deployed.conv_paths` lists the
-    choices). It changes outputs only by float rounding.
+    most `MAX_GEMM_ROWS` output rows and at least `MIN_GEMM_DEPTH` inputs per output are timed
+    as a conv kernel and as a matrix multiply over gathered patches, and run the faster way from
+    then on (`Deployed.conv_paths` lists the choices). It changes outputs only by float rounding.
     """
     net = copy.deepcopy(model).eval()
     fold_batchnorm(net)

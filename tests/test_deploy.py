@@ -216,12 +216,15 @@ def test_conv_kernel_kept_where_the_gemm_is_not_faster(monkeypatch):
 def test_large_outputs_are_not_timed(monkeypatch):
     calls = _force_gemm(monkeypatch, gemm_wins=True)
     model = deploy(make("resnet20"), compile=False).model
-    batch = MAX_GEMM_ROWS // (32 * 32) + 1  # the first stage's convs exceed the limit, the last's not
+    # The second stage's convs (16x16 outputs) exceed the row limit, the third's (8x8) do not.
+    batch = MAX_GEMM_ROWS // (16 * 16) + 1
     chosen = choose_conv_paths(
         model, torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     )
     names = {n for n, _, _ in chosen}
-    assert "stem.conv" not in names and "stages.2.2.conv2" in names and calls
+    candidate = model.get_submodule("stages.1.1.conv1")  # 32 channels x 3x3: deep enough to be one
+    assert isinstance(candidate, GemmConv2d)
+    assert "stages.1.1.conv1" not in names and "stages.2.2.conv2" in names and calls
 
 
 def test_no_gemm_path_without_channels_last():

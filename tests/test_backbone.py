@@ -6,15 +6,10 @@ import pytest
 import torch
 
 from resnets import create_model
+from resnets.registry import FAMILIES
 
-ONE_PER_FAMILY = [
-    "resnet50",
-    "preact_resnet18",
-    "wide_resnet50_2",
-    "resnext50_32x4d",
-    "res2net50_v1b_26w_4s",
-    "iresnet18",
-]
+# Each family's example network, plus nets whose stems or shortcuts the examples do not cover.
+ONE_PER_FAMILY = [f.example for f in FAMILIES.values()] + ["resnet50", "res2net50_v1b_26w_4s"]
 
 
 @pytest.mark.parametrize("name", ONE_PER_FAMILY)

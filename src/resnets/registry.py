@@ -1,58 +1,17 @@
-"""Named models: one registration per network of the papers, with the paper's own numbers."""
+"""Named models: look-up and construction. The family modules register their networks in
+`resnets.models.zoo` when `resnets.models` is imported; this module only reads that store."""
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
+from .models import ENTRIES, FAMILIES, Entry, Family, Paper
 from .models.net import FeatureExtractor, NetSpec, ResNet
+from .models.zoo import register
 
-
-@dataclass(frozen=True)
-class Paper:
-    """Published numbers for exactly this architecture, as printed, and where they come from.
-
-    `params_m` and `gmacs` (1e9 multiply-adds at `Entry.input_size`) are what the tests check
-    our counts against; errors are in percent. `note` explains every known gap.
-    """
-
-    cite: str
-    source: str = ""
-    params_m: float | None = None
-    gmacs: float | None = None
-    top1_err: float | None = None
-    top5_err: float | None = None
-    cifar10_err: float | None = None
-    cifar100_err: float | None = None
-    note: str = ""
-    # Relative tolerance of the params check. Above 2% only for a documented gap (see `note`).
-    params_tol: float = 0.02
-
-
-@dataclass(frozen=True)
-class Entry:
-    name: str
-    family: str
-    spec: NetSpec
-    paper: Paper
-    input_size: int  # the paper's input resolution (square)
-
-
-_REGISTRY: dict[str, Entry] = {}
-
-RESNET_V1 = "He et al. 2015, Deep Residual Learning for Image Recognition, arXiv:1512.03385"
-RESNET_V2 = "He et al. 2016, Identity Mappings in Deep Residual Networks, arXiv:1603.05027"
-WRN = "Zagoruyko & Komodakis 2016, Wide Residual Networks, arXiv:1605.07146"
-RESNEXT = "Xie et al. 2017, Aggregated Residual Transformations for Deep Neural Networks, arXiv:1611.05431"
-RES2NET = "Gao et al. 2019, Res2Net: A New Multi-scale Backbone Architecture, arXiv:1904.01169"
-IRESNET = "Duta et al. 2020, Improved Residual Networks for Image and Video Recognition, arXiv:2004.04989"
-
-
-def register(name: str, family: str, spec: NetSpec, paper: Paper, input_size: int = 224) -> None:
-    if name in _REGISTRY:
-        raise ValueError(f"model {name!r} is registered twice")
-    _REGISTRY[name] = Entry(name, family, spec, paper, input_size)
+__all__ = ["ENTRIES", "FAMILIES", "Entry", "Family", "Paper", "UnknownModelError", "register"]
 
 
 class UnknownModelError(KeyError):
@@ -62,28 +21,17 @@ class UnknownModelError(KeyError):
         return str(self.args[0])
 
 
-def _ensure_loaded() -> None:
-    import importlib
-
-    from .models import FAMILY_MODULES
-
-    for module in FAMILY_MODULES:  # importing a family module registers its blocks and networks
-        importlib.import_module(f"resnets.models.{module}")
-
-
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching an fnmatch pattern, sorted."""
-    _ensure_loaded()
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
+    return sorted(n for n in ENTRIES if fnmatch.fnmatchcase(n, pattern))
 
 
 def get_entry(name: str) -> Entry:
     """The registration of `name`: spec, family, input size and the paper record."""
-    _ensure_loaded()
     try:
-        return _REGISTRY[name]
+        return ENTRIES[name]
     except KeyError:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=4, cutoff=0.5)
+        close = difflib.get_close_matches(name, list(ENTRIES), n=4, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see `resnets list`"
         raise UnknownModelError(f"unknown model {name!r}{hint}") from None
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import ResnetsError
-from ..models import iresnet as _iresnet  # noqa: F401  (registers the ibasic block used below)
+from ..models import FAMILIES, block_family
 from ..models.net import NetSpec, ResNet
 from ..registry import create_model, get_entry
 
@@ -20,26 +20,9 @@ class StudyError(ResnetsError):
     """A mistake in what a study was asked to do (bad stage, no residual block, missing data)."""
 
 
-# One colour per family, used by every figure, so a family looks the same across studies.
-PALETTE: dict[str, str] = {
-    "plain": "#7f7f7f",
-    "resnet": "#1f77b4",
-    "preact_resnet": "#ff7f0e",
-    "wide_resnet": "#9467bd",
-    "resnext": "#8c564b",
-    "res2net": "#2ca02c",
-    "iresnet": "#d62728",
-}
-
-_FAMILY_OF_BLOCK = {
-    "basic": "resnet",
-    "bottleneck": "resnet",
-    "preact_basic": "preact_resnet",
-    "preact_bottleneck": "preact_resnet",
-    "res2net": "res2net",
-    "ibasic": "iresnet",
-    "ibottleneck": "iresnet",
-}
+# One colour per family (declared by the family module), used by every figure, so a family looks
+# the same across studies.
+PALETTE: dict[str, str] = {"plain": "#7f7f7f", **{f.name: f.color for f in FAMILIES.values()}}
 
 # A CIFAR-sized iResNet is not among the paper's networks (its experiments are ImageNet and
 # video), so it is not registered. This one is resnet110 with iResNet blocks and max-pool
@@ -70,7 +53,7 @@ def family_of(model: nn.Module) -> str:
             return get_entry(name).family
         except KeyError:
             pass
-    return _FAMILY_OF_BLOCK.get(spec.block, "resnet")
+    return block_family(spec.block)
 
 
 def shades(family: str, n: int) -> list[tuple[float, float, float]]:

@@ -28,10 +28,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..registry import IRESNET, Paper, register
 from .layers import DropPath, conv1x1, conv3x3, make_shortcut
 from .net import NetSpec, Pos, register_block
 from .resnet import IMAGENET_WIDTHS_BASIC, IMAGENET_WIDTHS_BOTTLENECK, bottleneck_width
+from .zoo import Family, Paper, register
+
+FAMILY = Family(
+    "iresnet",
+    cite="Duta et al. 2020, Improved Residual Networks for Image and Video Recognition, arXiv:2004.04989",
+    color="#d62728",
+    example="iresnet18",
+)
+IRESNET = FAMILY.cite
 
 
 class _IBlock(nn.Module):
@@ -141,7 +149,7 @@ for _depth, _depths in [
     _basic = _depth < 50
     register(
         f"iresnet{_depth}",
-        "iresnet",
+        FAMILY,
         NetSpec(
             "ibasic" if _basic else "ibottleneck",
             _depths,

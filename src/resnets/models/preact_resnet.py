@@ -5,10 +5,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..registry import RESNET_V2, Paper, register
 from .layers import DropPath, conv1x1, conv3x3, make_shortcut
 from .net import NetSpec, Pos, register_block
 from .resnet import IMAGENET_WIDTHS_BASIC, IMAGENET_WIDTHS_BOTTLENECK, bottleneck_width
+from .zoo import Family, Paper, register
+
+FAMILY = Family(
+    "preact_resnet",
+    cite="He et al. 2016, Identity Mappings in Deep Residual Networks, arXiv:1603.05027",
+    color="#ff7f0e",
+    example="preact_resnet18",
+)
+RESNET_V2 = FAMILY.cite
 
 
 class _PreAct(nn.Module):
@@ -101,7 +109,7 @@ for _name, _depths, _block, _widths in [
 ]:
     register(
         _name,
-        "preact_resnet",
+        FAMILY,
         NetSpec(_block, _depths, _widths),
         Paper(
             RESNET_V2,
@@ -116,7 +124,7 @@ for _name, _depths, _block, _widths in [
 
 register(
     "preact_resnet200",
-    "preact_resnet",
+    FAMILY,
     NetSpec("preact_bottleneck", (3, 24, 36, 3), IMAGENET_WIDTHS_BOTTLENECK),
     Paper(
         RESNET_V2,
@@ -132,7 +140,7 @@ _CIFAR = dict(strides=(1, 2, 2), stem="cifar", stem_width=16, num_classes=10)
 
 register(
     "preact_resnet110",
-    "preact_resnet",
+    FAMILY,
     NetSpec("preact_basic", (18, 18, 18), (16, 32, 64), **_CIFAR),
     Paper(
         RESNET_V2,
@@ -158,7 +166,7 @@ for _name, _n, _params, _err10, _err100, _note in [
 ]:
     register(
         _name,
-        "preact_resnet",
+        FAMILY,
         NetSpec("preact_bottleneck", (_n,) * 3, (64, 128, 256), **_CIFAR),
         Paper(
             RESNET_V2,

@@ -13,10 +13,18 @@ import math
 import torch
 from torch import nn
 
-from ..registry import RES2NET, Paper, register
 from .layers import DropPath, SqueezeExcite, conv1x1, conv3x3, make_shortcut
 from .net import NetSpec, Pos, register_block
 from .resnet import IMAGENET_WIDTHS_BOTTLENECK
+from .zoo import Family, Paper, register
+
+FAMILY = Family(
+    "res2net",
+    cite="Gao et al. 2019, Res2Net: A New Multi-scale Backbone Architecture, arXiv:1904.01169",
+    color="#2ca02c",
+    example="res2net50_26w_4s",
+)
+RES2NET = FAMILY.cite
 
 
 @register_block("res2net")
@@ -120,7 +128,7 @@ for _name, _depths, _w, _s, _c, _params, _gmacs, _err, _extra in [
         )
     register(
         _name,
-        "res2net",
+        FAMILY,
         NetSpec("res2net", _depths, IMAGENET_WIDTHS_BOTTLENECK, groups=_c, base_width=_w, scale=_s, **_extra),
         Paper(
             RES2NET,
@@ -142,7 +150,7 @@ for _name, _c, _w, _s, _se, _params, _err in [
 ]:
     register(
         _name,
-        "res2net",
+        FAMILY,
         NetSpec(
             "res2net",
             (3, 3, 3),

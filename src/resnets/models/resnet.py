@@ -5,9 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..registry import RESNET_V1, Paper, register
 from .layers import DropPath, SqueezeExcite, conv1x1, conv3x3, make_shortcut
 from .net import NetSpec, Pos, register_block
+from .zoo import Family, Paper, register
+
+FAMILY = Family(
+    "resnet",
+    cite="He et al. 2015, Deep Residual Learning for Image Recognition, arXiv:1512.03385",
+    color="#1f77b4",
+    example="resnet18",
+)
+RESNET_V1 = FAMILY.cite
 
 
 @register_block("basic")
@@ -110,7 +118,7 @@ for _name, _depths, _block, _pp, _tv in [
 ]:
     register(
         _name,
-        "resnet",
+        FAMILY,
         NetSpec(_block, _depths, IMAGENET_WIDTHS_BASIC),
         Paper(
             RESNET_V1,
@@ -133,7 +141,7 @@ for _name, _depths, _tv_params, _tv_gmacs, _paper_gmacs, _err in [
 ]:
     register(
         _name,
-        "resnet",
+        FAMILY,
         NetSpec("bottleneck", _depths, IMAGENET_WIDTHS_BOTTLENECK),
         Paper(
             RESNET_V1,
@@ -147,7 +155,7 @@ for _name, _depths, _tv_params, _tv_gmacs, _paper_gmacs, _err in [
     )
     register(
         f"{_name}_v1",
-        "resnet",
+        FAMILY,
         NetSpec("bottleneck", _depths, IMAGENET_WIDTHS_BOTTLENECK, stride_in_1x1=True),
         Paper(
             RESNET_V1,
@@ -162,7 +170,7 @@ for _name, _depths, _tv_params, _tv_gmacs, _paper_gmacs, _err in [
 
 register(
     "resnet200",
-    "resnet",
+    FAMILY,
     NetSpec("bottleneck", (3, 24, 36, 3), IMAGENET_WIDTHS_BOTTLENECK),
     Paper(
         RESNET_V1,
@@ -180,7 +188,7 @@ for _name, _depths, _gmacs, _err in [
 ]:
     register(
         _name,
-        "resnet",
+        FAMILY,
         NetSpec("basic", _depths, IMAGENET_WIDTHS_BASIC, shortcut="none"),
         Paper(
             RESNET_V1,
@@ -206,7 +214,7 @@ for _n, _params, _err in [
     _depth = 6 * _n + 2
     register(
         f"resnet{_depth}",
-        "resnet",
+        FAMILY,
         NetSpec("basic", (_n,) * 3, shortcut="A", **CIFAR),
         Paper(RESNET_V1, "arXiv:1512.03385 Table 6", params_m=_params, cifar10_err=_err),
         input_size=32,
@@ -214,7 +222,7 @@ for _n, _params, _err in [
     if _depth <= 110:
         register(
             f"plain{_depth}",
-            "resnet",
+            FAMILY,
             NetSpec("basic", (_n,) * 3, shortcut="none", **CIFAR),
             Paper(
                 RESNET_V1,

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from ..registry import RESNEXT, Paper, register
 from .net import NetSpec
 from .resnet import IMAGENET_WIDTHS_BOTTLENECK
+from .zoo import Family, Paper, register
+
+FAMILY = Family(
+    "resnext",
+    cite="Xie et al. 2017, Aggregated Residual Transformations for Deep Neural Networks, arXiv:1611.05431",
+    color="#8c564b",
+    example="resnext50_32x4d",
+)
+RESNEXT = FAMILY.cite
+
 
 for _name, _depths, _c, _d, _paper in [
     (
@@ -56,7 +65,7 @@ for _name, _depths, _c, _d, _paper in [
 ]:
     register(
         _name,
-        "resnext",
+        FAMILY,
         NetSpec("bottleneck", _depths, IMAGENET_WIDTHS_BOTTLENECK, groups=_c, base_width=_d),
         Paper(RESNEXT, **_paper),
     )
@@ -67,7 +76,7 @@ for _name, _c, _params, _e10, _e100 in [
 ]:
     register(
         _name,
-        "resnext",
+        FAMILY,
         NetSpec(
             "bottleneck",
             (3, 3, 3),

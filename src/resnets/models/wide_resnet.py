@@ -6,9 +6,18 @@ per stage; WRN-50-2 is the post-activation ResNet-50 with every inner bottleneck
 
 from __future__ import annotations
 
-from ..registry import WRN, Paper, register
 from .net import NetSpec
 from .resnet import IMAGENET_WIDTHS_BOTTLENECK
+from .zoo import Family, Paper, register
+
+FAMILY = Family(
+    "wide_resnet",
+    cite="Zagoruyko & Komodakis 2016, Wide Residual Networks, arXiv:1605.07146",
+    color="#9467bd",
+    example="wide_resnet50_2",
+)
+WRN = FAMILY.cite
+
 
 # (depth, k): (params_m, cifar10_err, cifar100_err, source table) as printed; None where not printed.
 _CIFAR_WRN = {
@@ -31,7 +40,7 @@ for (_d, _k), (_params, _e10, _e100, _table) in _CIFAR_WRN.items():
     _n = (_d - 4) // 6
     register(
         f"wrn{_d}_{_k}",
-        "wide_resnet",
+        FAMILY,
         NetSpec(
             "preact_basic",
             (_n,) * 3,
@@ -72,7 +81,7 @@ for _name, _depths, _params, _gmacs, _err, _source in [
 ]:
     register(
         _name,
-        "wide_resnet",
+        FAMILY,
         NetSpec("bottleneck", _depths, IMAGENET_WIDTHS_BOTTLENECK, base_width=128),
         Paper(WRN, _source, params_m=_params, gmacs=_gmacs, top1_err=_err[0], top5_err=_err[1]),
     )

@@ -6,8 +6,6 @@ they are given, they either accept it or say `error:` in one line, never a trace
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 import os
 import signal
@@ -16,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_checks import assert_one_error_line, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import resnets.train as train_mod
-from resnets.cli import main
 from resnets.config import TrainConfig, field_types, from_dict, load_config, tomllib
 from resnets.data import load_data
 from resnets.data.augment import Augment
@@ -29,19 +27,6 @@ from resnets.errors import ConfigError, DataError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ONE_EPOCH = ["--epochs", "1", "--warmup-epochs", "0"]
-
-
-def run_cli(argv: list[str]) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main(argv)
-    return code, err.getvalue()
-
-
-def assert_one_error_line(code: int, err: str, needle: str = "") -> None:
-    assert code == 2, err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    assert needle in err, err
 
 
 # --- image modes ---------------------------------------------------------------------------------

@@ -7,11 +7,13 @@ reads it. `model.safetensors` holds the weights, with the model name and spec as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 from collections.abc import Callable
 from dataclasses import asdict, fields
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,23 +28,101 @@ CKPT_VERSION = 1
 JSON_KEYS = ("spec", "mean", "std", "classes", "image_size")
 
 
+class _Recorder:
+    """A file's `write` and `flush`, remembering the OSError one of them raised: `torch.save`
+    reports a failed write as a RuntimeError of its own, with the OSError at most in the chain."""
+
+    def __init__(self, f: BinaryIO):
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+
+def _os_error(exc: BaseException, recorder: _Recorder | None) -> OSError | None:
+    """The OSError behind a failed write: `exc` itself, one in its chain, or one a write raised."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return recorder.error if recorder is not None else None
+
+
+def temp_path(path: str | Path) -> Path:
+    """Where `atomic_write` puts `path`'s next version until it is whole: `.NAME.PID.tmp`."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: the process exists, it is someone else's
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | Path, name: str = "*") -> list[Path]:
+    """Delete the temporary files (`.NAME.PID.tmp`) that a killed writer left in `folder`: those
+    whose process no longer runs, so another live writer's file is never touched. Returns them.
+    Nothing is raised: a file that cannot be deleted stays."""
+    removed = []
+    try:
+        candidates = list(Path(folder).glob(f".{name}.*.tmp"))
+    except OSError:
+        return removed
+    for tmp in candidates:
+        pid = tmp.name[: -len(".tmp")].rpartition(".")[2]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Write through a temporary file in the same folder, fsync it, and rename it into place, so a
     crash at any moment leaves either the old file or the new one, never half of one. A failed
-    write (full disk, no permission) raises `CheckpointError` and leaves the old file as it was."""
+    write (full disk, no permission, a read-only filesystem) raises `CheckpointError` with one
+    line, and leaves the old file as it was; the temporary file is removed where the filesystem
+    still allows it. Temporary files of earlier writers of `path` that were killed are removed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
+    remove_stale_temps(path.parent, glob_escape(path.name))
+    recorder = None
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            recorder = _Recorder(f)
+            write(recorder)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):  # full disk, quota, read-only folder, permissions...
-            reason = exc.strerror or str(exc) or type(exc).__name__
-            kept = "the previous one is kept" if path.exists() else "nothing was written"
+        with contextlib.suppress(OSError):  # a filesystem gone read-only refuses this too
+            tmp.unlink(missing_ok=True)
+        cause = _os_error(exc, recorder) if isinstance(exc, Exception) else None
+        if cause is not None:  # full disk, quota, read-only folder, permissions...
+            reason = cause.strerror or str(cause) or type(cause).__name__
+            kept = "the previous one is kept" if os.path.exists(path) else "nothing was written"
             raise CheckpointError(f"could not write {path} ({reason}); {kept}") from None
         raise
     try:  # make the rename itself durable

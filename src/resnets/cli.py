@@ -6,8 +6,11 @@ A user mistake prints one line starting with `error:` on stderr and exits with c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 
 from .registry import UnknownModelError, get_entry, list_models
 
@@ -362,15 +365,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that a write in progress removes its temporary file."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt(command: str | None):
+    """Outside `train` (which handles its own signals), SIGTERM unwinds like Ctrl-C instead of
+    killing the process where it stands, so no temporary file is left behind."""
+    if command == "train" or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return args.func(args)
+        with _sigterm_as_interrupt(args.command):
+            return args.func(args)
     except (UserError, UnknownModelError) as exc:
         # One line, whatever the message quotes (an argument may hold a newline).
         one_line = str(exc).strip().replace("\r", "\\r").replace("\n", "\\n")
         print(f"error: {one_line}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("error: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

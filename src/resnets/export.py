@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import atomic_write
 from .weights import model_from_weights
 
 FORMATS = ("onnx", "torchscript")
@@ -26,12 +28,16 @@ def build_for_export(name: str, weights: str | os.PathLike | None = None) -> nn.
 
 
 def export(model: nn.Module, out: str | os.PathLike, fmt: str, input_size: int = 224) -> dict[str, Any]:
-    """Write `model` as ONNX or TorchScript with a dynamic batch dimension."""
+    """Write `model` as ONNX or TorchScript with a dynamic batch dimension.
+
+    The file is built in memory and written with `atomic_write`: an existing `out` is replaced
+    whole or, if the write fails (full disk, read-only folder) or is killed, kept as it was."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     model = model.eval()
     example = torch.randn(2, 3, input_size, input_size)
     out = Path(out)
+    buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         # Both exporters warn that they are superseded by torch.export; their output is still the
         # format the consumers of these files read.
@@ -44,7 +50,7 @@ def export(model: nn.Module, out: str | os.PathLike, fmt: str, input_size: int =
             torch.onnx.export(
                 model,
                 (example,),
-                str(out),
+                buf,
                 dynamo=False,  # the torch.export-based exporter needs onnxscript, not a dependency
                 input_names=["input"],
                 output_names=["logits"],
@@ -54,5 +60,6 @@ def export(model: nn.Module, out: str | os.PathLike, fmt: str, input_size: int =
         else:
             # Tracing records one path through the net; ours has no data-dependent control flow,
             # and no op reads the batch size, so the batch stays free.
-            torch.jit.trace(model, example).save(str(out))
+            torch.jit.save(torch.jit.trace(model, example), buf)
+    atomic_write(out, lambda f: f.write(buf.getbuffer()))
     return {"format": fmt, "out": str(out), "input": ["batch", 3, input_size, input_size]}

@@ -37,7 +37,11 @@ def get_entry(name: str) -> Entry:
 
 
 def resolve_spec(name: str, **overrides) -> NetSpec:
-    """The spec of `name` with overrides applied; an unknown override is a TypeError naming it."""
+    """The spec of `name` with overrides applied.
+
+    An unknown override is a TypeError naming it; an invalid value, or a field the model's block
+    does not use (which would build the default network), a ValueError naming the model.
+    """
     spec = get_entry(name).spec
     valid = NetSpec.field_names()
     unknown = [k for k in overrides if k not in valid]
@@ -48,7 +52,10 @@ def resolve_spec(name: str, **overrides) -> NetSpec:
     for k, v in overrides.items():
         if isinstance(getattr(spec, k), tuple) and isinstance(v, list):
             overrides[k] = tuple(v)
-    return replace(spec, **overrides)
+    try:
+        return replace(spec, **overrides)
+    except ValueError as exc:
+        raise ValueError(f"model {name!r}: {exc}") from None
 
 
 def create_model(

@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import DropPath, conv1x1, conv3x3, make_shortcut
-from .net import NetSpec, Pos, register_block
+from .layers import conv1x1, conv3x3
+from .net import Block, NetSpec, Pos, register_block
 from .resnet import IMAGENET_WIDTHS_BASIC, IMAGENET_WIDTHS_BOTTLENECK, bottleneck_width
 from .zoo import Family, Paper, register
 
@@ -42,9 +42,11 @@ FAMILY = Family(
 IRESNET = FAMILY.cite
 
 
-class _IBlock(nn.Module):
-    preact = False
+class _IBlock(Block):
     n_convs = 0  # set by subclasses
+    # Only a start block has a shortcut of the spec's kind (the others add the identity), and every
+    # block adds one: the plain "none" has no iResNet form.
+    shortcuts = ("A", "B", "C", "avgdown", "maxpool")
 
     def _init_position(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec) -> None:
         if pos.depth < 2:
@@ -56,9 +58,9 @@ class _IBlock(nn.Module):
         self.bn0 = None if self.start or self.relu_only else nn.BatchNorm2d(in_ch)
         last_bn = nn.BatchNorm2d(last_ch) if self.start or self.end else None
         setattr(self, f"bn{self.n_convs}", last_bn)
-        self.act = nn.ReLU(inplace=True)
-        self.shortcut = make_shortcut(spec.shortcut, in_ch, out_ch, stride) if self.start else nn.Identity()
-        self.drop_path = DropPath(pos.drop_path_rate(spec.drop_path))
+        # No ReLU after the add: an end block applies BN-ReLU itself, the others none.
+        kind = spec.shortcut if self.start else "B"  # "B" on an unchanged shape is the identity
+        self._init_tail(in_ch, out_ch, stride, pos, spec, act_after_add=False, kind=kind)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -76,14 +78,12 @@ class _IBlock(nn.Module):
         out = self.branch(inp)
         if self.start:
             out = last_bn(out)
-        out = self.drop_path(out)
-        out += self.shortcut(x)  # the branch output is fresh: add in place, no new buffer
+        out = self.residual(out, x)
         if self.end:
             out = self.act(last_bn(out))
         return out
 
     def fold_pairs(self) -> list[tuple[str, str]]:
-        """(conv, BN) attribute pairs where the BN reads exactly the conv's output: `deploy` folds them."""
         # bn0 precedes conv1, and an end block's last BN follows the add: neither folds. The last
         # conv's BN follows it directly only in a start block.
         inner = [(f"conv{i}", f"bn{i}") for i in range(1, self.n_convs)]
@@ -99,6 +99,8 @@ class _IBlock(nn.Module):
 @register_block("ibasic")
 class IBasicBlock(_IBlock):
     """[BN0, ReLU] 3x3 (stride), BN, ReLU, 3x3, [BN (start)]; add; [BN, ReLU (end)]."""
+
+    uses = frozenset({"official_quirks"})
 
     n_convs = 2
 
@@ -116,6 +118,8 @@ class IBasicBlock(_IBlock):
 @register_block("ibottleneck")
 class IBottleneck(_IBlock):
     """[BN0, ReLU] 1x1, BN, ReLU, 3x3 (stride, groups), BN, ReLU, 1x1, [BN (start)]; add; [BN, ReLU (end)]."""
+
+    uses = frozenset({"groups", "base_width", "official_quirks"})
 
     n_convs = 3
 

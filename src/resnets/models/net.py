@@ -1,24 +1,46 @@
 """The one skeleton every family shares: stem -> stages of blocks -> head.
 
 A family is data: a `NetSpec` names the block and the papers' hyper-parameters; the block
-classes (in the family modules) all take `(in_ch, out_ch, stride, pos, spec)`.
+classes (in the family modules) follow the contract of `Block`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from .layers import conv3x3
+from .layers import DropPath, SqueezeExcite, conv3x3, make_shortcut
 
-BLOCKS: dict[str, type[nn.Module]] = {}
+BLOCKS: dict[str, type[Block]] = {}
+
+# NetSpec fields the skeleton or every block honours; a block lists any other field it reads in
+# `Block.uses`, and a spec that sets a field its block does not use is refused.
+COMMON_FIELDS = frozenset(
+    {
+        "block",
+        "depths",
+        "widths",
+        "strides",
+        "stem",
+        "stem_width",
+        "shortcut",
+        "drop_path",
+        "num_classes",
+        "in_chans",
+        "zero_init_last",
+        "output_stride",
+    }
+)
+SHORTCUTS = ("A", "B", "C", "avgdown", "maxpool", "none")  # see layers.make_shortcut
 
 
 def register_block(name: str):
     def deco(cls):
         BLOCKS[name] = cls
+        cls.block_name = name
         return cls
 
     return deco
@@ -69,6 +91,7 @@ class NetSpec:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+        BLOCKS[self.block].check(self)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -96,6 +119,84 @@ class Pos:
 
     def drop_path_rate(self, rate: float) -> float:
         return rate * self.block_id / max(self.num_blocks - 1, 1)
+
+
+class Block(nn.Module):
+    """The contract every block follows.
+
+    - It is built as `Block(in_ch, out_ch, stride, pos, spec)` and maps `in_ch` channels to
+      `out_ch` at `1/stride` of the resolution.
+    - Class attributes say what it is: `preact` (the stem and head leave normalisation to the
+      blocks), `uses` (the NetSpec fields beyond `COMMON_FIELDS` it reads; `NetSpec` refuses any
+      other field set away from its default) and `shortcuts` (the shortcut kinds it supports).
+    - `zero_init_last()` makes the block start as its shortcut; `fold_pairs()` lists the
+      (conv, BN) attribute pairs where the BN reads exactly the conv's output, for `deploy`.
+    - The shared tail, built by `_init_tail` and run by `residual(out, x)`: [SE], drop-path, add
+      the shortcut of `x`, [ReLU]. A block with shortcut "none" is a plain block: no add.
+    """
+
+    block_name: ClassVar[str] = ""
+    preact: ClassVar[bool] = False
+    uses: ClassVar[frozenset[str]] = frozenset()
+    shortcuts: ClassVar[tuple[str, ...]] = SHORTCUTS
+
+    @classmethod
+    def check(cls, spec: NetSpec) -> None:
+        """Refuse a spec that asks for something this block would silently not build."""
+        if spec.shortcut not in cls.shortcuts:
+            raise ValueError(
+                f"block {cls.block_name!r} does not support shortcut={spec.shortcut!r} "
+                f"(supported: {', '.join(cls.shortcuts)})"
+            )
+        for f in fields(spec):
+            value = getattr(spec, f.name)
+            if f.name not in COMMON_FIELDS and f.name not in cls.uses and value != f.default:
+                used = ", ".join(sorted(cls.uses)) or "none"
+                raise ValueError(
+                    f"block {cls.block_name!r} does not use {f.name}={value!r}, so it would build the "
+                    f"same network without it (fields it uses beyond the common ones: {used})"
+                )
+
+    def _init_tail(
+        self,
+        in_ch: int,
+        out_ch: int,
+        stride: int,
+        pos: Pos,
+        spec: NetSpec,
+        *,
+        norm: bool = True,
+        act_after_add: bool = True,
+        kind: str | None = None,
+    ) -> None:
+        """SE (where the block uses `se_ratio`), ReLU, shortcut (`kind`, default the spec's) and drop-path."""
+        ratio = spec.se_ratio if "se_ratio" in self.uses else 0.0
+        self.se = SqueezeExcite(out_ch, ratio) if ratio else None
+        self.act = nn.ReLU(inplace=True)
+        self.shortcut = make_shortcut(
+            spec.shortcut if kind is None else kind, in_ch, out_ch, stride, norm=norm
+        )
+        self.drop_path = DropPath(pos.drop_path_rate(spec.drop_path))
+        self.act_after_add = act_after_add
+
+    def residual(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The shared tail: [SE], drop-path, add the shortcut of `x`, [ReLU]."""
+        if self.se is not None:
+            out = self.se(out)
+        if self.shortcut is not None:
+            # In place, as torchvision/timm: `out` is this block's fresh tensor that no backward
+            # needs; an out-of-place add would allocate one more activation-sized buffer per block.
+            out = self.drop_path(out)
+            out += self.shortcut(x)
+        if self.act_after_add:
+            out = self.act(out)
+        return out
+
+    def zero_init_last(self) -> None:
+        raise NotImplementedError
+
+    def fold_pairs(self) -> list[tuple[str, str]]:
+        raise NotImplementedError
 
 
 class Stem(nn.Module):

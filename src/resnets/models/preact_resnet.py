@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import DropPath, conv1x1, conv3x3, make_shortcut
-from .net import NetSpec, Pos, register_block
+from .layers import Projection, conv1x1, conv3x3
+from .net import Block, NetSpec, Pos, register_block
 from .resnet import IMAGENET_WIDTHS_BASIC, IMAGENET_WIDTHS_BOTTLENECK, bottleneck_width
 from .zoo import Family, Paper, register
 
@@ -19,18 +19,16 @@ FAMILY = Family(
 RESNET_V2 = FAMILY.cite
 
 
-class _PreAct(nn.Module):
-    """Shared forward: a projection shortcut reads the same BN-ReLU output as the branch."""
+class _PreAct(Block):
+    """Shared forward: a projection shortcut reads the same BN-ReLU output as the branch; an
+    identity or zero-pad (option A) shortcut reads the block input, so that path stays clean."""
 
     preact = True
 
     def _init_shortcut(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec) -> None:
-        kind = "B" if spec.shortcut == "A" else spec.shortcut  # no zero-pad variant in v2
         # v2 projections are a bare 1x1 conv: a BN there would sit on the clean identity path.
-        self.shortcut = make_shortcut(kind, in_ch, out_ch, stride, norm=False)
-        self.project = not isinstance(self.shortcut, nn.Identity)
-        self.drop_path = DropPath(pos.drop_path_rate(spec.drop_path))
-        self.act = nn.ReLU(inplace=True)
+        self._init_tail(in_ch, out_ch, stride, pos, spec, norm=False, act_after_add=False)
+        self.project = isinstance(self.shortcut, Projection)
 
     def branch(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -38,15 +36,14 @@ class _PreAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # In place, as timm's BN-act: the BN output is fresh, and ReLU's backward needs only its result.
         pre = torch.relu_(self.bn1(x))
-        shortcut = self.shortcut(pre) if self.project else x
-        out = self.drop_path(self.branch(pre))
-        out += shortcut  # `out` is the branch's fresh conv output: no new buffer needed
-        return out
+        return self.residual(self.branch(pre), pre if self.project else x)
 
 
 @register_block("preact_basic")
 class PreActBasicBlock(_PreAct):
     """BN, ReLU, 3x3 (stride), BN, ReLU, [dropout], 3x3; add."""
+
+    uses = frozenset({"dropout"})
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
         super().__init__()
@@ -61,7 +58,6 @@ class PreActBasicBlock(_PreAct):
         nn.init.zeros_(self.conv2.weight)
 
     def fold_pairs(self) -> list[tuple[str, str]]:
-        """(conv, BN) attribute pairs where the BN reads exactly the conv's output: `deploy` folds them."""
         # bn1 normalises the block input (shared with the shortcut), so only conv1 -> bn2 folds.
         return [("conv1", "bn2")]
 
@@ -76,6 +72,8 @@ class PreActBasicBlock(_PreAct):
 class PreActBottleneck(_PreAct):
     """BN, ReLU, 1x1, BN, ReLU, 3x3 (stride, groups), BN, ReLU, 1x1; add."""
 
+    uses = frozenset({"groups", "base_width"})
+
     def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
         super().__init__()
         width = bottleneck_width(out_ch, spec)
@@ -88,7 +86,6 @@ class PreActBottleneck(_PreAct):
         nn.init.zeros_(self.conv3.weight)
 
     def fold_pairs(self) -> list[tuple[str, str]]:
-        """(conv, BN) attribute pairs where the BN reads exactly the conv's output: `deploy` folds them."""
         # bn1 normalises the block input (shared with the shortcut); each later BN follows a conv.
         return [("conv1", "bn2"), ("conv2", "bn3")]
 

@@ -13,8 +13,8 @@ import math
 import torch
 from torch import nn
 
-from .layers import DropPath, SqueezeExcite, conv1x1, conv3x3, make_shortcut
-from .net import NetSpec, Pos, register_block
+from .layers import conv1x1, conv3x3
+from .net import Block, NetSpec, Pos, register_block
 from .resnet import IMAGENET_WIDTHS_BOTTLENECK
 from .zoo import Family, Paper, register
 
@@ -28,10 +28,10 @@ RES2NET = FAMILY.cite
 
 
 @register_block("res2net")
-class Res2NetBottleneck(nn.Module):
+class Res2NetBottleneck(Block):
     """1x1, BN, ReLU, split into s; y_i = ReLU(BN(3x3(x_i + y_{i-1}))); concat, 1x1, BN; [SE]; add; ReLU."""
 
-    preact = False
+    uses = frozenset({"groups", "base_width", "scale", "se_ratio"})
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
         super().__init__()
@@ -49,16 +49,12 @@ class Res2NetBottleneck(nn.Module):
         self.bns = nn.ModuleList(nn.BatchNorm2d(self.width) for _ in range(n))
         self.pool = nn.AvgPool2d(3, stride, padding=1) if self.is_first and spec.scale > 1 else None
         self.conv3, self.bn3 = conv1x1(self.width * spec.scale, out_ch), nn.BatchNorm2d(out_ch)
-        self.se = SqueezeExcite(out_ch, spec.se_ratio) if spec.se_ratio else None
-        self.act = nn.ReLU(inplace=True)
-        self.shortcut = make_shortcut(spec.shortcut, in_ch, out_ch, stride)
-        self.drop_path = DropPath(pos.drop_path_rate(spec.drop_path))
+        self._init_tail(in_ch, out_ch, stride, pos, spec)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
 
     def fold_pairs(self) -> list[tuple[str, str]]:
-        """(conv, BN) attribute pairs where the BN reads exactly the conv's output: `deploy` folds them."""
         splits = [(f"convs.{i}", f"bns.{i}") for i in range(len(self.convs))]
         return [("conv1", "bn1"), *splits, ("conv3", "bn3")]
 
@@ -73,15 +69,7 @@ class Res2NetBottleneck(nn.Module):
             ys.append(y)
         if self.scale > 1:
             ys.append(self.pool(splits[-1]) if self.pool is not None else splits[-1])
-        out = self.bn3(self.conv3(torch.cat(ys, 1)))
-        if self.se is not None:
-            out = self.se(out)
-        if self.shortcut is not None:
-            # In place, as torchvision/timm: `out` is this block's fresh tensor that no backward needs;
-            # an out-of-place add would allocate one more activation-sized buffer per block.
-            out = self.drop_path(out)
-            out += self.shortcut(x)
-        return self.act(out)
+        return self.residual(self.bn3(self.conv3(torch.cat(ys, 1))), x)
 
 
 _SRC = "arXiv:1904.01169 Tables 1-3; Res2Net-PretrainedModels README (MACs)"

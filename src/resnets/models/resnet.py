@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import DropPath, SqueezeExcite, conv1x1, conv3x3, make_shortcut
-from .net import NetSpec, Pos, register_block
+from .layers import conv1x1, conv3x3
+from .net import Block, NetSpec, Pos, register_block
 from .zoo import Family, Paper, register
 
 FAMILY = Family(
@@ -19,36 +19,27 @@ RESNET_V1 = FAMILY.cite
 
 
 @register_block("basic")
-class BasicBlock(nn.Module):
-    """3x3 (stride), BN, ReLU, 3x3, BN; add; ReLU. With shortcut "none" it is a plain block."""
+class BasicBlock(Block):
+    """3x3 (stride), BN, ReLU, 3x3, BN; [SE]; add; ReLU. With shortcut "none" it is a plain block."""
 
-    preact = False
+    uses = frozenset({"se_ratio"})
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
         super().__init__()
         d = pos.dilation
         self.conv1, self.bn1 = conv3x3(in_ch, out_ch, stride, dilation=d), nn.BatchNorm2d(out_ch)
         self.conv2, self.bn2 = conv3x3(out_ch, out_ch, dilation=d), nn.BatchNorm2d(out_ch)
-        self.act = nn.ReLU(inplace=True)
-        self.shortcut = make_shortcut(spec.shortcut, in_ch, out_ch, stride)
-        self.drop_path = DropPath(pos.drop_path_rate(spec.drop_path))
+        self._init_tail(in_ch, out_ch, stride, pos, spec)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn2.weight)
 
     def fold_pairs(self) -> list[tuple[str, str]]:
-        """(conv, BN) attribute pairs where the BN reads exactly the conv's output: `deploy` folds them."""
         return [("conv1", "bn1"), ("conv2", "bn2")]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.shortcut is not None:
-            # In place, as torchvision/timm: `out` is this block's fresh tensor that no backward needs;
-            # an out-of-place add would allocate one more activation-sized buffer per block.
-            out = self.drop_path(out)
-            out += self.shortcut(x)
-        return self.act(out)
+        return self.residual(self.bn2(self.conv2(out)), x)
 
 
 def bottleneck_width(out_ch: int, spec: NetSpec) -> int:
@@ -57,10 +48,10 @@ def bottleneck_width(out_ch: int, spec: NetSpec) -> int:
 
 
 @register_block("bottleneck")
-class Bottleneck(nn.Module):
+class Bottleneck(Block):
     """1x1, BN, ReLU, 3x3 (stride, groups), BN, ReLU, 1x1, BN; [SE]; add; ReLU."""
 
-    preact = False
+    uses = frozenset({"groups", "base_width", "stride_in_1x1", "se_ratio"})
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
         super().__init__()
@@ -70,30 +61,18 @@ class Bottleneck(nn.Module):
         self.conv1, self.bn1 = conv1x1(in_ch, width, s1), nn.BatchNorm2d(width)
         self.conv2, self.bn2 = conv3x3(width, width, s3, spec.groups, pos.dilation), nn.BatchNorm2d(width)
         self.conv3, self.bn3 = conv1x1(width, out_ch), nn.BatchNorm2d(out_ch)
-        self.se = SqueezeExcite(out_ch, spec.se_ratio) if spec.se_ratio else None
-        self.act = nn.ReLU(inplace=True)
-        self.shortcut = make_shortcut(spec.shortcut, in_ch, out_ch, stride)
-        self.drop_path = DropPath(pos.drop_path_rate(spec.drop_path))
+        self._init_tail(in_ch, out_ch, stride, pos, spec)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
 
     def fold_pairs(self) -> list[tuple[str, str]]:
-        """(conv, BN) attribute pairs where the BN reads exactly the conv's output: `deploy` folds them."""
         return [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act(self.bn1(self.conv1(x)))
         out = self.act(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.se is not None:
-            out = self.se(out)
-        if self.shortcut is not None:
-            # In place, as torchvision/timm: `out` is this block's fresh tensor that no backward needs;
-            # an out-of-place add would allocate one more activation-sized buffer per block.
-            out = self.drop_path(out)
-            out += self.shortcut(x)
-        return self.act(out)
+        return self.residual(self.bn3(self.conv3(out)), x)
 
 
 # --- ImageNet ---------------------------------------------------------------------------------

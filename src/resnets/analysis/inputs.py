@@ -91,23 +91,25 @@ def load_models(
 
 def load_images(paths: list[str] | tuple[str, ...], size: int) -> torch.Tensor:
     """Image files as uint8 (N, 3, size, size): shorter side resized to `size`, centre crop."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from ..data.images import load_rgb
+    from ..errors import DataError
 
     out = []
     for p in paths:
+        if not Path(p).is_file():
+            raise StudyError(f"image {p} does not exist")
         try:
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                scale = size / min(im.size)
-                w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
-                im = im.resize((w, h), Image.BICUBIC)
-                left, top = (w - size) // 2, (h - size) // 2
-                im = im.crop((left, top, left + size, top + size))
-                out.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3))
-        except FileNotFoundError:
-            raise StudyError(f"image {p} does not exist") from None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise StudyError(f"cannot read image {p}: {exc}") from None
+            im = load_rgb(p)  # any mode as 8-bit RGB; corrupt files and pixel bombs refused
+        except DataError as exc:
+            raise StudyError(str(exc)) from None
+        scale = size / min(im.size)
+        w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
+        im = im.resize((w, h), Image.BICUBIC)
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+        out.append(torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3))
     return torch.stack(out).permute(0, 3, 1, 2).contiguous()
 
 

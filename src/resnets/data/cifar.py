@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import CheckpointError, DataError
 from .images import IMAGE_EXTENSIONS, load_rgb
 from .memory import InMemoryData
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: with a checksum
 
 
 @dataclass(frozen=True)
@@ -109,33 +109,80 @@ def read_batch(path: Path) -> dict[str, object]:
     try:
         with open(path, "rb") as f:
             obj = _ArrayUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
-        raise DataError(f"{path} is not a readable CIFAR batch: {exc}") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever a broken pickle raises, the file is unreadable
+        raise DataError(f"{path} is not a readable CIFAR batch: {_first_line(exc)}") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path} is not a CIFAR batch (a {type(obj).__name__}, not a dict)")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    return {k.decode("latin-1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
 
 
-def _batch_images(batch: dict, path: Path, label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _batch_images(
+    batch: dict, path: Path, label_key: str, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's images and labels, checked before anything is cached: `data` an array of
+    uint8 values, whole 3x32x32 images, one integer label in [0, num_classes) per image."""
+    for key in ("data", label_key):
+        if key not in batch:
+            raise DataError(
+                f"{path} is not a CIFAR batch: it has no {key!r} (keys: {', '.join(sorted(batch))})"
+            )
+    data, labels = batch["data"], batch[label_key]
+    if not isinstance(data, np.ndarray) or data.dtype.kind not in "ui":
+        what = f"{data.dtype} array" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"{path}: 'data' must be an array of 8-bit pixels, got a {what}")
+    if data.size == 0 or data.size % 3072:
+        raise DataError(f"{path}: 'data' holds {data.size} values, not whole 3x32x32 images")
+    if data.dtype != np.uint8 and (data.min() < 0 or data.max() > 255):
+        raise DataError(f"{path}: pixel values {data.min()}..{data.max()} are outside 0..255")
+    if isinstance(labels, np.ndarray):
+        labels_arr = labels
+    elif isinstance(labels, (list, tuple)) and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels
+    ):
+        labels_arr = np.asarray(labels, dtype=np.int64) if labels else np.zeros(0, np.int64)
+    else:
+        raise DataError(f"{path}: {label_key!r} must be a list of integer class indices")
+    if labels_arr.ndim != 1 or labels_arr.dtype.kind not in "ui":
+        raise DataError(f"{path}: {label_key!r} must be a list of integer class indices")
+    n = data.size // 3072
+    if len(labels_arr) != n:
+        raise DataError(f"{path}: {n} images but {len(labels_arr)} labels")
+    if n and (labels_arr.min() < 0 or labels_arr.max() >= num_classes):
+        raise DataError(
+            f"{path}: labels {labels_arr.min()}..{labels_arr.max()} are outside 0..{num_classes - 1}"
+        )
+    images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32), dtype=np.uint8)
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels_arr.astype(np.int64))
+
+
+def _class_names(meta: dict, path: Path, src: CifarSource, expected: int) -> list[str]:
+    names = meta.get(src.names_key)
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, (str, bytes)) for n in names):
+        raise DataError(f"{path} is not CIFAR's meta file: {src.names_key!r} must be a list of class names")
     try:
-        data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(batch[label_key], dtype=np.int64)
-    except (KeyError, ValueError) as exc:
-        raise DataError(f"{path} is not a CIFAR batch: {exc!r}") from None
-    if len(labels) != len(data):
-        raise DataError(f"{path}: {len(data)} images but {len(labels)} labels")
-    return torch.from_numpy(data.copy()), torch.from_numpy(labels)
+        classes = [n.decode() if isinstance(n, bytes) else n for n in names]
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: a class name in {src.names_key!r} is not UTF-8") from None
+    if len(classes) != expected:
+        raise DataError(f"{path} names {len(classes)} classes, expected {expected}")
+    return classes
 
 
-def read_pickle_batches(folder: Path, src: CifarSource) -> dict:
-    """The official python batches of `folder` -> uint8 tensors and class names."""
-    out = {}
+def read_pickle_batches(folder: Path, src: CifarSource, num_classes: int) -> dict:
+    """The official python batches of `folder` -> uint8 tensors and class names, all checked."""
+    meta_path = folder / src.meta_file
+    out: dict = {"classes": _class_names(read_batch(meta_path), meta_path, src, num_classes)}
     for split, files in (("train", src.train_files), ("test", src.test_files)):
-        parts = [_batch_images(read_batch(folder / f), folder / f, src.label_key) for f in files]
+        parts = [_batch_images(read_batch(folder / f), folder / f, src.label_key, num_classes) for f in files]
         out[f"{split}_x"] = torch.cat([p[0] for p in parts])
         out[f"{split}_y"] = torch.cat([p[1] for p in parts])
-    names = read_batch(folder / src.meta_file)[src.names_key]
-    out["classes"] = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
     return out
 
 
@@ -234,33 +281,48 @@ def _cache_path(name: str, source: Path, cache_dir: Path | None) -> Path:
     return cache_dir / f"{name}-{key}.uint8.safetensors"
 
 
+TENSORS = ("train_x", "train_y", "test_x", "test_y")
+
+
+def _checksum(arrays: dict, source: str) -> str:
+    """sha256 of the tensors (bytes, dtype and shape), the class names, statistics and source."""
+    h = hashlib.sha256()
+    for k in TENSORS:
+        t = arrays[k].contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes() if t.numel() else b"")
+    h.update(json.dumps([arrays["classes"], list(arrays["mean"]), list(arrays["std"]), source]).encode())
+    return h.hexdigest()
+
+
 def _read_cache(path: Path) -> dict | None:
-    from safetensors import SafetensorError, safe_open
+    """The cached arrays, or None when the cache is absent, from another version, or does not
+    match its checksum (a flipped byte, a partial copy): then the data is decoded again."""
+    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("version") != CACHE_VERSION:
                 return None
-            out = {k: f.get_tensor(k) for k in ("train_x", "train_y", "test_x", "test_y")}
+            out = {k: f.get_tensor(k) for k in TENSORS}
         out["classes"] = json.loads(meta["classes"])
         out["mean"], out["std"] = tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"]))
-        return out
-    except (OSError, SafetensorError, KeyError, ValueError):
-        return None  # absent, partly written or from another version: decode again
+        return out if _checksum(out, meta.get("source", "")) == meta.get("sha256") else None
+    except Exception:  # noqa: BLE001 - a damaged cache of any kind is rebuilt, never trusted
+        return None
 
 
 def _write_cache(path: Path, arrays: dict, source: str) -> None:
     from safetensors.torch import save
 
+    from ..checkpoint import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"version": CACHE_VERSION, "source": source}
-    meta.update({k: json.dumps(arrays[k]) for k in ("classes", "mean", "std")})
-    blob = save({k: v.contiguous() for k, v in arrays.items() if isinstance(v, torch.Tensor)}, metadata=meta)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, path)  # a reader never sees half a cache file
+    meta = {"version": CACHE_VERSION, "source": source, "sha256": _checksum(arrays, source)}
+    meta.update({k: json.dumps(list(arrays[k])) for k in ("classes", "mean", "std")})
+    blob = save({k: arrays[k].contiguous() for k in TENSORS}, metadata=meta)
+    atomic_write(path, lambda f: f.write(blob))  # a reader never sees half a cache file
 
 
 def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -302,14 +364,17 @@ def load_cifar(
     source = data_dir if tree else folder
     path = _cache_path(name, source, cache)
     arrays = _read_cache(path)
+    num_classes = {"cifar10": 10, "cifar100": 100}[name]
     if arrays is None:
-        arrays = read_image_tree(data_dir) if tree else read_pickle_batches(folder, src)
+        arrays = read_image_tree(data_dir) if tree else read_pickle_batches(folder, src, num_classes)
+        if len(arrays["classes"]) != num_classes:  # checked before anything is cached
+            raise DataError(f"{source} has {len(arrays['classes'])} classes, which is not {name}")
         arrays["mean"], arrays["std"] = _channel_stats(arrays["train_x"])
         try:
             _write_cache(path, arrays, str(source))
-        except OSError:
+        except (OSError, CheckpointError):
             pass  # a read-only place costs a decode next time, nothing else
-    if len(arrays["classes"]) != {"cifar10": 10, "cifar100": 100}[name]:
+    if len(arrays["classes"]) != num_classes:
         raise DataError(f"{source} has {len(arrays['classes'])} classes, which is not {name}")
     return InMemoryData(
         name=name,

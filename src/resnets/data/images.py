@@ -35,15 +35,38 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
+def check_pixels(im, path: str | Path) -> None:
+    """Refuse an image whose header claims more pixels than PIL's `Image.MAX_IMAGE_PIXELS` (89.5
+    million by default), before it is decoded: a few bytes of PNG can claim 20000x20000."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and im.width * im.height > limit:
+        raise DataError(
+            f"cannot read image {path}: it claims {im.width}x{im.height} pixels, more than the "
+            f"{limit:,} an image may have (PIL.Image.MAX_IMAGE_PIXELS)"
+        )
+
+
 def load_rgb(path: str | Path):
     """The image at `path` as a decoded RGB PIL image; `DataError` when it cannot be read
-    (truncated, corrupt, not an image)."""
+    (truncated, corrupt, not an image, or more pixels than `check_pixels` allows)."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im.load()  # decode now: a truncated file fails here, not later
-            return to_rgb(im)
+        with warnings.catch_warnings():
+            # Between MAX_IMAGE_PIXELS and twice that PIL only warns; check_pixels refuses those.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                check_pixels(im, path)
+                im.load()  # decode now: a truncated file fails here, not later
+                return to_rgb(im)
+    except DataError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         # PIL raises SyntaxError for some malformed headers (e.g. broken PNG chunks).
         raise DataError(f"cannot read image {path}: {str(exc).strip() or type(exc).__name__}") from None

@@ -24,6 +24,7 @@ PROBES = {
     "se_ratio": (1 / 16, 1 / 8),
     "dropout": (0.3,),
     "official_quirks": (False,),
+    "unit": ("bn_after_add",),
 }
 
 

@@ -67,6 +67,9 @@ class NetSpec:
     dropout: float = 0.0  # dropout between the two convs of a wide block (WRN)
     drop_path: float = 0.0  # stochastic depth, rising linearly to this rate at the last block
     official_quirks: bool = True  # iResNet: reproduce the official code's in-place ReLU on block 1's shortcut
+    unit: str = (
+        "original"  # basic block: where BN and ReLU sit (He et al. 2016, Fig. 4); see preact_resnet.py
+    )
     num_classes: int = 1000
     in_chans: int = 3
     zero_init_last: bool = False  # zero the last BN (or conv) of each residual branch
@@ -157,6 +160,17 @@ class Block(nn.Module):
                     f"same network without it (fields it uses beyond the common ones: {used})"
                 )
 
+    @classmethod
+    def variant(cls, spec: NetSpec) -> type[Block]:
+        """The class that builds this spec's blocks: this one, or a variant the spec selects."""
+        return cls
+
+    @classmethod
+    def ends(cls, spec: NetSpec) -> tuple[bool, bool, bool]:
+        """(stem BN-ReLU, head BN, head ReLU): a pre-activation net normalises in its blocks and
+        adds BN-ReLU after the last one."""
+        return not cls.preact, cls.preact, cls.preact
+
     def _init_tail(
         self,
         in_ch: int,
@@ -178,6 +192,7 @@ class Block(nn.Module):
         )
         self.drop_path = DropPath(pos.drop_path_rate(spec.drop_path))
         self.act_after_add = act_after_add
+        self.add_in_place = True  # False where the branch ends in a ReLU, whose backward needs its output
 
     def residual(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The shared tail: [SE], drop-path, add the shortcut of `x`, [ReLU]."""
@@ -187,7 +202,10 @@ class Block(nn.Module):
             # In place, as torchvision/timm: `out` is this block's fresh tensor that no backward
             # needs; an out-of-place add would allocate one more activation-sized buffer per block.
             out = self.drop_path(out)
-            out += self.shortcut(x)
+            if self.add_in_place:
+                out += self.shortcut(x)
+            else:
+                out = out + self.shortcut(x)
         if self.act_after_add:
             out = self.act(out)
         return out
@@ -200,7 +218,7 @@ class Block(nn.Module):
 
 
 class Stem(nn.Module):
-    def __init__(self, spec: NetSpec, preact: bool):
+    def __init__(self, spec: NetSpec, norm: bool = True):
         super().__init__()
         w, c = spec.stem_width, spec.in_chans
         self.out_channels = w
@@ -217,8 +235,8 @@ class Stem(nn.Module):
             self.conv = conv3x3(c, w)
         else:
             raise ValueError(f"unknown stem {spec.stem!r} (expected imagenet, cifar, deep or iresnet)")
-        # A pre-activation net's first block normalises the stem output itself.
-        self.bn = None if preact else nn.BatchNorm2d(w)
+        # A pre-activation net's first block normalises the stem output itself (norm=False).
+        self.bn = nn.BatchNorm2d(w) if norm else None
         self.act = nn.ReLU(inplace=True)
         if spec.stem in ("imagenet", "deep"):
             self.pool = nn.MaxPool2d(3, stride=2, padding=1)
@@ -247,18 +265,20 @@ class Stem(nn.Module):
 
 
 class Head(nn.Module):
-    """[BN, ReLU (pre-activation nets)], global average pool, fully connected."""
+    """[BN] [ReLU] (pre-activation nets), global average pool, fully connected."""
 
-    def __init__(self, in_ch: int, num_classes: int, preact: bool):
+    def __init__(self, in_ch: int, num_classes: int, norm: bool = False, act: bool = False):
         super().__init__()
         self.in_features = in_ch
-        self.norm = nn.BatchNorm2d(in_ch) if preact else None
-        self.act = nn.ReLU(inplace=True)
+        self.norm = nn.BatchNorm2d(in_ch) if norm else None
+        self.act = nn.ReLU(inplace=True) if act else None
         self.fc = nn.Linear(in_ch, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.norm is not None:
-            x = self.act(self.norm(x))
+            x = self.norm(x)
+        if self.act is not None:
+            x = self.act(x)
         x = x.mean((2, 3))
         return x if pre_logits else self.fc(x)
 
@@ -270,9 +290,9 @@ class ResNet(nn.Module):
         super().__init__()
         self.spec = spec
         self.name = name
-        block_cls = BLOCKS[spec.block]
-        preact = block_cls.preact
-        self.stem = Stem(spec, preact)
+        block_cls = BLOCKS[spec.block].variant(spec)
+        stem_norm, head_norm, head_act = block_cls.ends(spec)
+        self.stem = Stem(spec, stem_norm)
         in_ch = self.stem.out_channels
         total = sum(spec.depths)
         stages, block_id, reduction, dilation = [], 0, self.stem.stride, 1
@@ -293,7 +313,7 @@ class ResNet(nn.Module):
             self.feature_info.append({"num_chs": width, "reduction": reduction, "module": f"stages.{s}"})
         self.stages = nn.ModuleList(stages)
         self.num_features = in_ch
-        self.head = Head(in_ch, spec.num_classes, preact)
+        self.head = Head(in_ch, spec.num_classes, head_norm, head_act)
         self._init_weights()
 
     def _init_weights(self) -> None:

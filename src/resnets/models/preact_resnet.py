@@ -7,7 +7,7 @@ from torch import nn
 
 from .layers import Projection, conv1x1, conv3x3
 from .net import Block, NetSpec, Pos, register_block
-from .resnet import IMAGENET_WIDTHS_BASIC, IMAGENET_WIDTHS_BOTTLENECK, bottleneck_width
+from .resnet import IMAGENET_WIDTHS_BASIC, IMAGENET_WIDTHS_BOTTLENECK, BasicBlock, bottleneck_width
 from .zoo import Family, Paper, register
 
 FAMILY = Family(
@@ -93,6 +93,71 @@ class PreActBottleneck(_PreAct):
         out = self.act(self.bn2(self.conv1(pre)))
         out = self.act(self.bn3(self.conv2(out)))
         return self.conv3(out)
+
+
+class UnitBasicBlock(Block):
+    """The basic block with BN and ReLU moved (He et al. 2016, Fig. 4 b-d); `spec.unit` says where.
+
+    - bn_after_add (Fig. 4b): 3x3, BN, ReLU, 3x3; add; BN, ReLU.
+    - relu_before_add (Fig. 4c): 3x3, BN, ReLU, 3x3, BN, ReLU; add.
+    - relu_only_preact (Fig. 4d): ReLU, 3x3, BN, ReLU, 3x3, BN; add (the shortcut reads the
+      block input, not its ReLU).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
+        super().__init__()
+        d = pos.dilation
+        self.conv1, self.bn1 = conv3x3(in_ch, out_ch, stride, dilation=d), nn.BatchNorm2d(out_ch)
+        self.conv2, self.bn2 = conv3x3(out_ch, out_ch, dilation=d), nn.BatchNorm2d(out_ch)
+        self._init_tail(in_ch, out_ch, stride, pos, spec, act_after_add=False)
+        self.bn_after_add = spec.unit == "bn_after_add"
+        self.relu_before_add = spec.unit == "relu_before_add"
+        self.relu_first = spec.unit == "relu_only_preact"
+        self.add_in_place = not self.relu_before_add
+
+    @classmethod
+    def ends(cls, spec: NetSpec) -> tuple[bool, bool, bool]:
+        # The stem keeps conv-BN-ReLU in every variant. The ReLU-only pre-activation net ends with
+        # a sum, so it gets the pre-activation nets' extra activation after the last unit
+        # (section 4.1), here ReLU alone, as its units have no BN before a conv.
+        return True, False, spec.unit == "relu_only_preact"
+
+    def zero_init_last(self) -> None:
+        # After the add, bn2 carries the shortcut too: zero the conv before it instead.
+        nn.init.zeros_(self.conv2.weight if self.bn_after_add else self.bn2.weight)
+
+    def fold_pairs(self) -> list[tuple[str, str]]:
+        return [("conv1", "bn1")] + ([] if self.bn_after_add else [("conv2", "bn2")])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(torch.relu(x) if self.relu_first else x)
+        out = self.conv2(self.act(self.bn1(out)))
+        if not self.bn_after_add:
+            out = self.bn2(out)
+        if self.relu_before_add:
+            out = self.act(out)
+        out = self.residual(out, x)
+        if self.bn_after_add:
+            out = self.act(self.bn2(out))
+        return out
+
+
+# He et al. 2016, Table 2 (CIFAR-10 test error, %, ResNet-110 / ResNet-164) for each unit of Fig. 4;
+# `create_model("resnet110", unit=...)` builds the basic-block ones. full_preact is the
+# pre-activation basic block above (on resnet110 with its option A shortcuts).
+UNIT_ERRORS = {
+    "original": (6.61, 5.93),
+    "bn_after_add": (8.17, 6.50),
+    "relu_before_add": (7.84, 6.14),
+    "relu_only_preact": (6.71, 5.91),
+    "full_preact": (6.37, 5.46),
+}
+BasicBlock.units.update(
+    bn_after_add=UnitBasicBlock,
+    relu_before_add=UnitBasicBlock,
+    relu_only_preact=UnitBasicBlock,
+    full_preact=PreActBasicBlock,
+)
 
 
 NO_COUNTS = "the paper prints no parameter or MAC counts for the ImageNet pre-act nets below 200 layers"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -22,7 +24,26 @@ RESNET_V1 = FAMILY.cite
 class BasicBlock(Block):
     """3x3 (stride), BN, ReLU, 3x3, BN; [SE]; add; ReLU. With shortcut "none" it is a plain block."""
 
-    uses = frozenset({"se_ratio"})
+    uses = frozenset({"se_ratio", "unit"})
+    # The other residual units of He et al. 2016, Fig. 4, by `NetSpec.unit`; preact_resnet.py adds them.
+    units: ClassVar[dict[str, type[Block]]] = {}
+
+    @classmethod
+    def check(cls, spec: NetSpec) -> None:
+        super().check(spec)
+        if spec.unit == "original":
+            return
+        if spec.unit not in cls.units:
+            known = ", ".join(["original", *cls.units])
+            raise ValueError(f"unknown unit {spec.unit!r} (expected {known})")
+        if spec.se_ratio:
+            raise ValueError(f"unit {spec.unit!r} has no SE; se_ratio needs unit='original'")
+        if spec.shortcut == "none":
+            raise ValueError(f"unit {spec.unit!r} is a residual unit; shortcut='none' has no unit to vary")
+
+    @classmethod
+    def variant(cls, spec: NetSpec) -> type[Block]:
+        return cls.units.get(spec.unit, cls)
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
         super().__init__()

@@ -25,6 +25,7 @@ PROBES = {
     "dropout": (0.3,),
     "official_quirks": (False,),
     "unit": ("bn_after_add",),
+    "resnext_form": ("a",),
 }
 
 

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from model_checks import randomise_bn
 from torch.nn.functional import relu
 
 from resnets import create_model
@@ -35,20 +36,11 @@ def paper_unit(unit: str, b, x: torch.Tensor) -> torch.Tensor:
     return c2(relu(n2(c1(relu(n1(x)))))) + sc
 
 
-def _randomise_bn(model):
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            for t in (m.weight, m.bias, m.running_mean):
-                t.data.copy_(torch.randn(t.shape, generator=g))
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-
-
 def eval_model(unit: str):
     """resnet20 with the unit, in eval mode, with random BN statistics (so BN is not the identity)."""
     torch.manual_seed(0)
     model = create_model("resnet20", unit=unit).eval()
-    _randomise_bn(model)
+    randomise_bn(model)
     return model
 
 

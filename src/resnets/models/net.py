@@ -67,9 +67,10 @@ class NetSpec:
     dropout: float = 0.0  # dropout between the two convs of a wide block (WRN)
     drop_path: float = 0.0  # stochastic depth, rising linearly to this rate at the last block
     official_quirks: bool = True  # iResNet: reproduce the official code's in-place ReLU on block 1's shortcut
-    unit: str = (
-        "original"  # basic block: where BN and ReLU sit (He et al. 2016, Fig. 4); see preact_resnet.py
-    )
+    # Basic block: where BN and ReLU sit (He et al. 2016, Fig. 4); see preact_resnet.py.
+    unit: str = "original"
+    # Bottleneck: one of ResNeXt's equivalent forms (Xie et al. 2017, Fig. 3); see resnext.py.
+    resnext_form: str = "c"
     num_classes: int = 1000
     in_chans: int = 3
     zero_init_last: bool = False  # zero the last BN (or conv) of each residual branch
@@ -142,6 +143,10 @@ class Block(nn.Module):
     preact: ClassVar[bool] = False
     uses: ClassVar[frozenset[str]] = frozenset()
     shortcuts: ClassVar[tuple[str, ...]] = SHORTCUTS
+    # A NetSpec field (in `uses`) whose values other than its default select another class; the
+    # module that defines a variant adds it to the subclass's own `variants` dict.
+    variant_field: ClassVar[str] = ""
+    variants: ClassVar[dict[str, type[Block]]] = {}
 
     @classmethod
     def check(cls, spec: NetSpec) -> None:
@@ -153,6 +158,9 @@ class Block(nn.Module):
             )
         for f in fields(spec):
             value = getattr(spec, f.name)
+            if f.name == cls.variant_field and value != f.default and value not in cls.variants:
+                known = ", ".join([f.default, *cls.variants])
+                raise ValueError(f"unknown {f.name} {value!r} (expected {known})")
             if f.name not in COMMON_FIELDS and f.name not in cls.uses and value != f.default:
                 used = ", ".join(sorted(cls.uses)) or "none"
                 raise ValueError(
@@ -162,8 +170,8 @@ class Block(nn.Module):
 
     @classmethod
     def variant(cls, spec: NetSpec) -> type[Block]:
-        """The class that builds this spec's blocks: this one, or a variant the spec selects."""
-        return cls
+        """The class that builds this spec's blocks: this one, or the variant `variant_field` selects."""
+        return cls.variants.get(getattr(spec, cls.variant_field), cls) if cls.variant_field else cls
 
     @classmethod
     def ends(cls, spec: NetSpec) -> tuple[bool, bool, bool]:

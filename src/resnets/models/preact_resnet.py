@@ -152,7 +152,7 @@ UNIT_ERRORS = {
     "relu_only_preact": (6.71, 5.91),
     "full_preact": (6.37, 5.46),
 }
-BasicBlock.units.update(
+BasicBlock.variants.update(
     bn_after_add=UnitBasicBlock,
     relu_before_add=UnitBasicBlock,
     relu_only_preact=UnitBasicBlock,

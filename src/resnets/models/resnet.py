@@ -26,24 +26,18 @@ class BasicBlock(Block):
 
     uses = frozenset({"se_ratio", "unit"})
     # The other residual units of He et al. 2016, Fig. 4, by `NetSpec.unit`; preact_resnet.py adds them.
-    units: ClassVar[dict[str, type[Block]]] = {}
+    variant_field = "unit"
+    variants: ClassVar[dict[str, type[Block]]] = {}
 
     @classmethod
     def check(cls, spec: NetSpec) -> None:
         super().check(spec)
         if spec.unit == "original":
             return
-        if spec.unit not in cls.units:
-            known = ", ".join(["original", *cls.units])
-            raise ValueError(f"unknown unit {spec.unit!r} (expected {known})")
         if spec.se_ratio:
             raise ValueError(f"unit {spec.unit!r} has no SE; se_ratio needs unit='original'")
         if spec.shortcut == "none":
             raise ValueError(f"unit {spec.unit!r} is a residual unit; shortcut='none' has no unit to vary")
-
-    @classmethod
-    def variant(cls, spec: NetSpec) -> type[Block]:
-        return cls.units.get(spec.unit, cls)
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
         super().__init__()
@@ -72,7 +66,11 @@ def bottleneck_width(out_ch: int, spec: NetSpec) -> int:
 class Bottleneck(Block):
     """1x1, BN, ReLU, 3x3 (stride, groups), BN, ReLU, 1x1, BN; [SE]; add; ReLU."""
 
-    uses = frozenset({"groups", "base_width", "stride_in_1x1", "se_ratio"})
+    uses = frozenset({"groups", "base_width", "stride_in_1x1", "se_ratio", "resnext_form"})
+    # ResNeXt's forms a and b (Xie et al. 2017, Fig. 3) by `NetSpec.resnext_form`; resnext.py adds
+    # them. This class is form c, the grouped conv.
+    variant_field = "resnext_form"
+    variants: ClassVar[dict[str, type[Block]]] = {}
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
         super().__init__()

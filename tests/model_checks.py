@@ -1,0 +1,16 @@
+"""Helpers shared by the model tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def randomise_bn(model: torch.nn.Module, seed: int = 1) -> None:
+    """Random affine parameters and running statistics in every BN, so that in eval mode no BN is
+    the identity and a misplaced one changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            for t in (m.weight, m.bias, m.running_mean):
+                t.data.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype))
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g, dtype=m.running_var.dtype) + 0.5)

@@ -216,7 +216,7 @@ def _check_config(cfg: TrainConfig) -> None:
     """What every accepted config must satisfy."""
     assert cfg.epochs >= 1 and cfg.batch_size >= 1 and cfg.batch_size % cfg.accum_steps == 0
     assert cfg.lr > 0 and math.isfinite(cfg.lr) and 0 <= cfg.momentum < 1
-    assert cfg.warmup_epochs < cfg.epochs or cfg.schedule == "constant"
+    assert cfg.warmup() < cfg.epochs or cfg.schedule == "constant"
     assert from_dict(tomllib.loads(cfg.to_toml())) == cfg  # it round-trips through TOML
 
 

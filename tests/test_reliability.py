@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 import resnets.checkpoint as checkpoint_mod
-import resnets.train as train_mod
 from resnets.checkpoint import load_checkpoint
 from resnets.config import from_dict
 from resnets.errors import CheckpointError, RunStopped, TrainingError
@@ -76,18 +74,15 @@ def straight(tmp_path_factory):
 
 def test_sigterm_stops_after_the_step_and_the_resumed_run_is_bit_identical(tmp_path, monkeypatch, straight):
     out = tmp_path / "run"
-    real_lr_at = train_mod.lr_at
 
-    def lr_at(step, cfg, steps_per_epoch):
-        if step == 11:  # inside epoch 2, between two checkpoints (every 2 steps)
+    def on_step(done):
+        if done == 11:  # inside epoch 2, between two checkpoints (every 2 steps)
             # Twice at once, as a worker under torchrun gets Ctrl-C: still one graceful stop.
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_lr_at(step, cfg, steps_per_epoch)
 
-    monkeypatch.setattr(train_mod, "lr_at", lr_at)
     with pytest.raises(RunStopped) as info:
-        train(from_dict({**RUN, "out": str(out)}))
+        train(from_dict({**RUN, "out": str(out)}), on_step=on_step)
     assert info.value.signum == signal.SIGTERM and info.value.out == str(out)
     assert "stopped by SIGTERM after step 12 (epoch 2, step 4 of 8)" in str(info.value)
     assert f"resnets train --out {out} --resume" in str(info.value)
@@ -95,7 +90,6 @@ def test_sigterm_stops_after_the_step_and_the_resumed_run_is_bit_identical(tmp_p
     assert (ckpt["epoch"], ckpt["step"], ckpt["epoch_step"]) == (1, 12, 4)  # the step it was in finished
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are given back
 
-    monkeypatch.setattr(train_mod, "lr_at", real_lr_at)
     train(from_dict({"out": str(out), "resume": True, "quiet": True}))
     assert_same_weights(straight / "last.ckpt", out / "last.ckpt")
     assert epochs_in_metrics(out) == ["1", "2", "3"]
@@ -131,22 +125,21 @@ def test_a_failing_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatc
 
 
 def _nan_at(calls: set[int]):
-    """A stand-in for F.cross_entropy whose loss is NaN on the given (1-based) calls."""
+    """A criterion: the cross-entropy, but NaN on the given (1-based) calls."""
     count = [0]
 
-    def cross_entropy(logits, y, **kw):
+    def cross_entropy(logits, y):
         count[0] += 1
-        loss = F.cross_entropy(logits, y, **kw)
+        loss = F.cross_entropy(logits, y)
         return loss * float("nan") if count[0] in calls else loss
 
-    return types.SimpleNamespace(cross_entropy=cross_entropy)
+    return cross_entropy
 
 
-def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
-    monkeypatch.setattr(train_mod, "F", _nan_at({5}))  # 3 steps per epoch: step 5 is epoch 2, step 2
-    with pytest.raises(TrainingError) as info:
-        train(tiny(out, epochs=3))
+    with pytest.raises(TrainingError) as info:  # 3 steps per epoch: step 5 is epoch 2, step 2
+        train(tiny(out, epochs=3), criterion=_nan_at({5}))
     msg = str(info.value)
     assert "the training loss became nan at step 5 (epoch 2, step 2 of 3)" in msg
     assert "keeps the state after step 3" in msg and "--nonfinite skip" in msg
@@ -154,9 +147,8 @@ def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp
     assert ckpt["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-def test_nonfinite_skip_leaves_out_the_bad_step_only(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod, "F", _nan_at({5}))
-    summary = train(tiny(tmp_path / "skip", epochs=2, nonfinite="skip"))
+def test_nonfinite_skip_leaves_out_the_bad_step_only(tmp_path):
+    summary = train(tiny(tmp_path / "skip", epochs=2, nonfinite="skip"), criterion=_nan_at({5}))
     assert summary["skipped_steps"] == 1
     rows = load_checkpoint(tmp_path / "skip" / "last.ckpt")["metrics"]
     assert [r["skipped_steps"] for r in rows] == [0, 1]
@@ -165,17 +157,15 @@ def test_nonfinite_skip_leaves_out_the_bad_step_only(tmp_path, monkeypatch):
     for state in ckpt["optimizer"]["state"].values():
         assert torch.isfinite(state["momentum_buffer"]).all()
     # The first epoch, before the bad step, is exactly that of a clean run.
-    monkeypatch.setattr(train_mod, "F", F)
-    clean = train(tiny(tmp_path / "clean", epochs=2))
+    clean = train(tiny(tmp_path / "clean", epochs=2), criterion=_nan_at(set()))
     clean_rows = load_checkpoint(tmp_path / "clean" / "last.ckpt")["metrics"]
     assert clean_rows[0]["train_loss"] == rows[0]["train_loss"]
     assert clean["skipped_steps"] == 0
 
 
-def test_nonfinite_skip_still_stops_a_run_that_diverged(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod, "F", _nan_at(set(range(1, 1000))))
+def test_nonfinite_skip_still_stops_a_run_that_diverged(tmp_path):
     with pytest.raises(TrainingError, match="non-finite loss"):
-        train(tiny(tmp_path / "run", epochs=8, nonfinite="skip"))
+        train(tiny(tmp_path / "run", epochs=8, nonfinite="skip"), criterion=_nan_at(set(range(1, 1000))))
 
 
 def test_batch_norm_on_a_single_value_is_a_config_error(tmp_path, capsys):

@@ -22,7 +22,15 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 SCHEDULES = ("step", "cosine", "onecycle", "constant")
-AMP_MODES = ("off", "bf16", "fp16")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+# Speed settings that change how fast a run goes, not what it learns: auto (chosen for the device
+# and the run at its start), on or off. A recipe may also write true/false.
+TRISTATE = ("auto", "on", "off")
+TRISTATE_FIELDS = ("channels_last", "compile")
+# compile = auto compiles a run of at least this many optimizer steps: compiling resnet20 takes about
+# 35 s on a 2-core CPU and saves about 20 ms a step at batch 128, so it pays after about 1,600 steps
+# (benchmarks/train_speed.py measures both).
+COMPILE_MIN_STEPS = 2000
 PAD_MODES = ("zeros", "reflect")
 # Fields that say how to run, not what to train: they may differ when a run is resumed.
 RUNTIME_FIELDS = (
@@ -36,6 +44,11 @@ RUNTIME_FIELDS = (
     "download",
     "ckpt_every",
     "nonfinite",
+    "channels_last",
+    "compile",
+    "threads",
+    "tensorboard",
+    "log_every",
 )
 NONFINITE = ("stop", "skip")
 
@@ -75,7 +88,9 @@ class TrainConfig:
     weight_decay: float = _f(5e-4, "L2 weight decay")
     wd_norm_bias: bool = _f(False, "also decay BN weights and biases (the papers' code did)")
     schedule: str = _f("onecycle", "step, cosine, onecycle or constant")
-    warmup_epochs: float = _f(3.0, "linear warm-up from 0 (onecycle: the rising half)")
+    warmup_epochs: float | None = _f(
+        None, "linear warm-up from 0 (onecycle: the rising half); default a quarter of the run, at most 3"
+    )
     milestones: tuple[int, ...] = _f((), "step schedule: epochs at which lr is multiplied by gamma")
     gamma: float = _f(0.1, "step schedule factor")
     label_smoothing: float = _f(0.1, "label smoothing of the cross-entropy")
@@ -89,9 +104,17 @@ class TrainConfig:
     eval_batch_size: int = _f(500, "evaluation batch size")
     # how to run
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
-    amp: str = _f("off", "mixed precision: off, bf16 (CPU and GPU) or fp16 (GPU, with loss scaling)")
-    channels_last: bool = _f(False, "NHWC memory layout")
-    compile: bool = _f(False, "torch.compile the model")
+    amp: str = _f(
+        "auto",
+        "mixed precision: auto (bf16 where the CPU or GPU has native bf16, else off), off, bf16, "
+        "or fp16 (GPU, with loss scaling)",
+    )
+    channels_last: str = _f("auto", "NHWC memory layout: auto (on), on or off")
+    compile: str = _f(
+        "auto",
+        f"torch.compile the model: auto (when the run has >= {COMPILE_MIN_STEPS} steps and a compiler exists), on or off",
+    )
+    threads: int = _f(0, "CPU threads per process (0 = the physical cores shared out over local processes)")
     deterministic: bool = _f(False, "deterministic kernels (bit-exact reruns and resumes)")
     sync_bn: bool = _f(False, "synchronise batch norm across processes (GPU)")
     seed: int = _f(0, "random seed (initialisation, data order, augmentation)")
@@ -102,11 +125,16 @@ class TrainConfig:
         "stop", "on a NaN or infinite loss: stop (last.ckpt keeps the last good state) or skip the step"
     )
     quiet: bool = _f(False, "one line per epoch instead of a progress bar")
+    tensorboard: bool = _f(False, "also write TensorBoard event files into the run folder")
+    log_every: int = _f(
+        50, "TensorBoard: a point every this many steps besides each epoch's (0 = epochs only)"
+    )
 
     def __post_init__(self):
         _check_types(self)
         for name, t in field_types().items():
-            if t is float and not math.isfinite(getattr(self, name)):
+            value = getattr(self, name)
+            if t is float and value is not None and not math.isfinite(value):
                 raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
         positive = ("epochs", "batch_size", "accum_steps", "image_size", "eval_batch_size")
         for name in positive:
@@ -121,8 +149,10 @@ class TrainConfig:
             "weight_decay",
             "warmup_epochs",
             "ckpt_every",
+            "threads",
+            "log_every",
         ):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         for name in ("momentum", "label_smoothing", "ema_decay", "dropout", "drop_path"):
             if not 0 <= getattr(self, name) < 1:
@@ -136,6 +166,7 @@ class TrainConfig:
             ("amp", AMP_MODES),
             ("pad_mode", PAD_MODES),
             ("nonfinite", NONFINITE),
+            *((name, TRISTATE) for name in TRISTATE_FIELDS),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -149,10 +180,19 @@ class TrainConfig:
             raise ConfigError("the step schedule needs milestones, e.g. milestones = [82, 123]")
         if list(self.milestones) != sorted(set(self.milestones)) or any(m < 1 for m in self.milestones):
             raise ConfigError(f"milestones must be increasing positive epochs, got {list(self.milestones)}")
-        if self.warmup_epochs >= self.epochs and self.schedule != "constant":
+        if (
+            self.warmup_epochs is not None
+            and self.warmup_epochs >= self.epochs
+            and self.schedule != "constant"
+        ):
             raise ConfigError(
                 f"warmup_epochs ({self.warmup_epochs}) must be shorter than epochs ({self.epochs})"
             )
+
+    def warmup(self) -> float:
+        """The warm-up in epochs: as set, or, when unset, a quarter of the run and at most 3 epochs
+        (so `--epochs 1` warms up over a quarter of its one epoch)."""
+        return self.warmup_epochs if self.warmup_epochs is not None else min(3.0, self.epochs / 4)
 
     def to_toml(self) -> str:
         """The config as TOML (unset optional fields are left out, as TOML has no null)."""
@@ -231,6 +271,8 @@ def from_dict(values: dict, source: str = "config") -> TrainConfig:
             values[k] = tuple(v)
         elif field_types()[k] is float and isinstance(v, int) and not isinstance(v, bool):
             values[k] = float(v)
+        elif k in TRISTATE_FIELDS and isinstance(v, bool):
+            values[k] = "on" if v else "off"
     try:
         return TrainConfig(**values)
     except ConfigError as exc:
@@ -282,7 +324,19 @@ def add_config_arguments(parser) -> None:
         t = types[f.name]
         default = "unset" if f.default is None else f.default
         help = f"{f.metadata['help']} [{default}]"
-        if t is bool:
+        if f.name in TRISTATE_FIELDS:
+            parser.add_argument(
+                flag, nargs="?", const="on", choices=TRISTATE, default=argparse.SUPPRESS, help=help
+            )
+            parser.add_argument(
+                "--no-" + flag[2:],
+                dest=f.name,
+                action="store_const",
+                const="off",
+                default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,
+            )
+        elif t is bool:
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help
             )

@@ -1,7 +1,10 @@
-"""`train(cfg) -> dict`: one straight-line training loop, from one CPU to many GPUs.
+"""`train(cfg) -> dict`: one training loop, from one CPU to many GPUs.
 
-distributed setup -> data -> model -> optimizer -> lr_at(step) -> resume -> wrap (channels_last,
-DDP, compile) -> epochs of (train, evaluate, checkpoint) -> final files. Only rank 0 writes.
+`_train` reads top to bottom: processes and devices -> run folder and recipe -> data -> speed
+settings -> model, optimizer and `RunState` (what last.ckpt holds, written and restored by one
+table) -> `TrainStep` (one optimizer step, callable alone) -> epochs of (steps, evaluation,
+checkpoint, log) -> final files. Only rank 0 writes; `agree` makes every rank take the same
+decision at the same step.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import functools
 import io
 import json
 import math
@@ -19,7 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,9 +34,10 @@ from torch import nn
 from .checkpoint import atomic_write, load_checkpoint, load_state, save_checkpoint, save_model_file
 from .config import RUNTIME_FIELDS, TrainConfig, from_dict
 from .data import Augment, load_data
-from .errors import ConfigError, RunStopped, TrainingError
+from .errors import CheckpointError, ConfigError, RunStopped, TrainingError
 from .evaluate import autocast, evaluate
 from .registry import create_model
+from .runtime import choose_speed
 
 METRIC_COLUMNS = (
     "epoch",
@@ -56,7 +61,7 @@ def lr_at(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
     step: x gamma at each milestone epoch; cosine: half a cosine to 0; onecycle: a straight line
     to 0 (with the warm-up, the triangle of Smith's one-cycle policy); constant."""
     total = cfg.epochs * steps_per_epoch
-    warm = round(cfg.warmup_epochs * steps_per_epoch)
+    warm = round(cfg.warmup() * steps_per_epoch)
     if step < warm:
         return cfg.lr * (step + 1) / warm
     if cfg.schedule == "constant":
@@ -256,8 +261,9 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-def _nonfinite_message(cfg, part, step, where, out, saved_step, streak) -> str:
-    loss = part[0].item() / max(part[2].item(), 1)
+def _nonfinite_message(cfg, totals: Totals, step, where, out, saved_step, streak) -> str:
+    v = totals.read()
+    loss = v["loss_sum"] / max(v["seen"], 1)
     what = (
         f"{streak} steps in a row had a non-finite loss" if streak > 1 else f"the training loss became {loss}"
     )
@@ -290,13 +296,253 @@ def _shape_error(exc: Exception, x: torch.Tensor, model: str) -> Exception:
     return exc
 
 
-def train(cfg: TrainConfig, callback: Callable[[dict], None] | None = None) -> dict:
+# --- the parts of a run ------------------------------------------------------------------------
+
+
+class Totals:
+    """Sums over the images of a step or an epoch, kept on the device (one sync to read):
+    the loss sum, correct top-1 predictions, images seen and skipped steps."""
+
+    NAMES = ("loss_sum", "correct", "seen", "skipped")
+
+    def __init__(self, device: torch.device, values: list[float] | None = None):
+        self.tensor = torch.zeros(len(self.NAMES), dtype=torch.float64, device=device)
+        if values is not None:
+            self.tensor += self.tensor.new_tensor(values)
+
+    def add_batch(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        n = self.tensor.new_tensor(len(y))
+        correct = (logits.argmax(1) == y).sum().double()
+        self.tensor += torch.stack([loss.detach().double() * n, correct, n, n.new_zeros(())])
+
+    def add(self, other: Totals) -> None:
+        self.tensor += other.tensor
+
+    def count_skipped(self) -> None:
+        self.tensor[3] += 1
+
+    def all_reduce(self) -> None:
+        dist.all_reduce(self.tensor)
+
+    def read(self) -> dict[str, float]:
+        return dict(zip(self.NAMES, self.tensor.tolist()))
+
+    @property
+    def loss_is_finite(self) -> torch.Tensor:
+        return torch.isfinite(self.tensor[0])
+
+
+def agree(flags: list[float], world: int, device: torch.device) -> list[int]:
+    """The maximum of each flag over all processes (every process calls it at the same step), so
+    that every rank takes the same decision; with one process, the flags as they are. One small
+    all-reduce."""
+    if world == 1:
+        return [int(f) for f in flags]
+    t = torch.tensor(flags, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
+
+
+class RunState:
+    """Everything last.ckpt holds. `state_dict()` and `load_state_dict()` read one table of
+    (key, read, restore) entries, so what is written is exactly what is restored."""
+
+    def __init__(self, model: nn.Module, optimizer, scaler, ema: EMA | None, device: torch.device):
+        self.model, self.optimizer, self.scaler, self.ema, self.device = model, optimizer, scaler, ema, device
+        self.epoch = 0  # whole epochs done
+        self.step = 0  # optimizer steps done
+        self.epoch_step = 0  # > 0: steps done of the next epoch (a checkpoint inside an epoch)
+        self.epoch_sums = [0.0] * len(Totals.NAMES)  # that partial epoch's totals, over all ranks
+        self.epoch_train_s = 0.0  # and its training time so far
+        self.metrics: list[dict] = []
+        self.train_time_s = 0.0
+        self.time_s = 0.0
+
+    def _table(self):
+        ema = self.ema
+
+        def load_ema(sd):
+            if ema is not None:
+                load_state(ema.module, sd, "last.ckpt (EMA)")
+
+        def set_ema_updates(n):
+            if ema is not None:
+                ema.updates = n
+
+        table = [
+            ("model", self.model.state_dict, lambda sd: load_state(self.model, sd, "last.ckpt")),
+            ("optimizer", self.optimizer.state_dict, self.optimizer.load_state_dict),
+            ("scaler", self.scaler.state_dict, self.scaler.load_state_dict),
+            ("ema", lambda: ema.module.state_dict() if ema else None, load_ema),
+            ("ema_updates", lambda: ema.updates if ema else 0, set_ema_updates),
+            ("rng", lambda: _rng_state(self.device), lambda st: _set_rng_state(st, self.device)),
+        ]
+        for name in (
+            "epoch",
+            "step",
+            "epoch_step",
+            "epoch_sums",
+            "epoch_train_s",
+            "metrics",
+            "train_time_s",
+            "time_s",
+        ):
+            table.append((name, lambda n=name: getattr(self, n), lambda v, n=name: setattr(self, n, v)))
+        return table
+
+    def state_dict(self) -> dict:
+        return {key: read() for key, read, _ in self._table()}
+
+    def load_state_dict(self, state: dict, source: str = "last.ckpt") -> None:
+        table = self._table()
+        missing = [key for key, _, _ in table if key not in state]
+        if missing:
+            raise CheckpointError(
+                f"{source} lacks {', '.join(missing)}: not a checkpoint of this version of resnets train"
+            )
+        for key, _, restore in table:
+            restore(state[key])
+
+
+class TrainStep:
+    """One optimizer step: forward and backward over a step's micro-batches, then, when every
+    process agrees that the loss is finite, the update (and the EMA). Callable alone:
+
+        step = TrainStep(model, optimizer)
+        outcome = step([(x, y)], lr=0.1)      # outcome.totals, outcome.finite, outcome.signum
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        net: nn.Module | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        ema: EMA | None = None,
+        criterion: Callable | None = None,
+        amp: str = "off",
+        memory_format: torch.memory_format = torch.contiguous_format,
+        world: int = 1,
+        name: str = "model",
+    ):
+        self.model, self.net, self.optimizer = model, net if net is not None else model, optimizer
+        self.device = next(model.parameters()).device
+        self.scaler = scaler if scaler is not None else torch.amp.GradScaler(self.device.type, enabled=False)
+        self.ema, self.amp, self.memory_format, self.world, self.name = ema, amp, memory_format, world, name
+        self.criterion = criterion if criterion is not None else F.cross_entropy
+
+    def forward_backward(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> Totals:
+        """Gradients of the step's mean loss (accumulated over the micro-batches; under DDP
+        averaged across processes once, on the last micro-batch), and the step's totals."""
+        totals = Totals(self.device)
+        for i, (x, y) in enumerate(micro):
+            x = x.contiguous(memory_format=self.memory_format)
+            skip_sync = self.world > 1 and i < len(micro) - 1
+            with self.net.no_sync() if skip_sync else contextlib.nullcontext():
+                try:
+                    with autocast(self.device, self.amp):
+                        logits = self.net(x)
+                except (RuntimeError, ValueError) as exc:  # ValueError: BN on one value
+                    raise _shape_error(exc, x, self.name) from None
+                if logits.dtype in (torch.bfloat16, torch.float16):
+                    logits = logits.float()  # the loss in fp32 under autocast
+                loss = self.criterion(logits, y)
+                self.scaler.scale(loss / len(micro)).backward()
+            totals.add_batch(loss, logits, y)
+        return totals
+
+    def __call__(self, micro, lr: float, stop_signal: int = 0) -> StepOutcome:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        totals = self.forward_backward(micro)
+        # One check per step, before the update: a non-finite loss anywhere, a stop request.
+        if self.world > 1:
+            bad, signum = agree([float(not totals.loss_is_finite), stop_signal], self.world, self.device)
+        else:
+            bad, signum = int(not totals.loss_is_finite.item()), stop_signal
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update(self.model)
+        return StepOutcome(totals, not bad, signum)
+
+
+@dataclass
+class StepOutcome:
+    totals: Totals  # this process's
+    finite: bool  # every process's loss was finite, and the update was made
+    signum: int  # a stop signal that reached any process (0: none)
+
+
+class RunLog:
+    """metrics.csv (rewritten whole after each epoch) and, with `tensorboard`, event files in the
+    run folder: per epoch every column (`epoch/...`), and every `log_every` steps the step's loss,
+    lr and images/s (`step/...`), all against the optimizer step. Rank 0 only."""
+
+    def __init__(self, out: Path, tensorboard: bool, log_every: int, purge_step: int | None = None):
+        self.out, self.log_every, self.writer = out, log_every, None
+        self._last = (None, None)  # (step, time) of the last step point
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError(
+                    "--tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from None
+            # purge_step: a resumed run drops the points that its previous life logged after the
+            # checkpoint (steps > the checkpoint's), so the curves have no doubled stretch.
+            self.writer = SummaryWriter(str(out), purge_step=purge_step)
+
+    def step(self, step: int, totals: Totals, lr: float) -> None:
+        if self.writer is None or not self.log_every or step % self.log_every:
+            return
+        v = totals.read()
+        now = time.perf_counter()
+        prev_step, prev_t = self._last
+        if v["seen"]:
+            self.writer.add_scalar("step/train_loss", v["loss_sum"] / v["seen"], step)
+        self.writer.add_scalar("step/lr", lr, step)
+        if prev_step is not None and step > prev_step:
+            self.writer.add_scalar("step/images_per_s", v["seen"] * (step - prev_step) / (now - prev_t), step)
+        self._last = (step, now)
+
+    def epoch(self, rows: list[dict], step: int) -> None:
+        _write_metrics(self.out / "metrics.csv", rows)
+        if self.writer is not None:
+            # Every point on one axis, the optimizer step, so that a resumed run's purge of what
+            # came after its checkpoint applies to all of them alike.
+            for k in METRIC_COLUMNS:
+                if k != "time_s":
+                    self.writer.add_scalar(f"epoch/{k}", rows[-1][k], step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def train(
+    cfg: TrainConfig,
+    callback: Callable[[dict], None] | None = None,
+    *,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> dict:
     """Train `cfg.model` on `cfg.data` and write the run into its out folder (see `resolve_out`).
 
     Returns the summary (also written as summary.json). `callback(row)` is called after each
-    epoch, once the epoch's checkpoint is on disk, with that epoch's metrics row.
+    epoch, once the epoch's checkpoint is on disk, with that epoch's metrics row; `on_step(n)`
+    after each optimizer step with the number of steps done. `criterion(logits, labels)` replaces
+    the cross-entropy with `cfg.label_smoothing`.
     """
-    # --- processes and devices -----------------------------------------------------------------
     rank, world, local_rank = _dist_env()
     device = _device(cfg, local_rank)
     started_dist = world > 1 and not dist.is_initialized()
@@ -305,16 +551,41 @@ def train(cfg: TrainConfig, callback: Callable[[dict], None] | None = None) -> d
             torch.cuda.set_device(device)
         _init_process_group("nccl" if device.type == "cuda" else "gloo", rank, world)
     prev_deterministic = torch.are_deterministic_algorithms_enabled()
+    prev_threads = torch.get_num_threads()
     try:
-        return _train(cfg, callback, rank, world, device)
+        return _train(cfg, callback, criterion, on_step, rank, world, device)
     finally:
         torch.use_deterministic_algorithms(prev_deterministic)
+        torch.set_num_threads(prev_threads)
         if started_dist:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, callback, rank: int, world: int, device: torch.device) -> dict:
+def _check_recipe(cfg: TrainConfig, world: int, device: torch.device) -> list[str]:
+    """Refuse what cannot run here; return warnings about what runs but is likely not meant."""
+    if cfg.batch_size % (world * cfg.accum_steps):
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} must be divisible by processes x accum_steps = {world * cfg.accum_steps}"
+        )
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise ConfigError("amp fp16 needs a CUDA device (loss scaling); use amp bf16 on the CPU")
+    if cfg.sync_bn and world > 1 and device.type != "cuda":
+        raise ConfigError("sync_bn needs GPUs: torch's SyncBatchNorm has no CPU implementation")
+    warnings = []
+    late = [m for m in cfg.milestones if m >= cfg.epochs]
+    if cfg.schedule == "step" and late:
+        warnings.append(
+            f"milestones {', '.join(map(str, late))} lie at or past the last epoch ({cfg.epochs}): "
+            "the learning rate is never divided there"
+        )
+    return warnings
+
+
+def _train(cfg, callback, criterion, on_step, rank: int, world: int, device: torch.device) -> dict:
     main = rank == 0
+    say = print if main else (lambda *a, **k: None)
+
+    # --- run folder and recipe --------------------------------------------------------------------
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and not cfg.resume:
         # torchrun restarted the processes after a failure: go on from the run's last checkpoint.
         with contextlib.suppress(ConfigError):
@@ -327,23 +598,13 @@ def _train(cfg: TrainConfig, callback, rank: int, world: int, device: torch.devi
     else:
         out = resolve_out(cfg)
     ckpt = None
-    if main and out.is_dir():  # temporary files of a write that a crash cut short
-        for tmp in out.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
     if cfg.resume:
         ckpt = load_checkpoint(out / "last.ckpt")
         # The run goes on with the recipe it started with; only how-to-run fields may change.
         stored = {k: v for k, v in ckpt["config"].items() if k not in RUNTIME_FIELDS}
         cfg = from_dict({**asdict(cfg), **stored}, f"{out / 'last.ckpt'}")
-    cfg = replace(cfg, out=str(out))
-    if cfg.batch_size % (world * cfg.accum_steps):
-        raise ConfigError(
-            f"batch_size {cfg.batch_size} must be divisible by processes x accum_steps = {world * cfg.accum_steps}"
-        )
-    if cfg.amp == "fp16" and device.type != "cuda":
-        raise ConfigError("amp fp16 needs a CUDA device (loss scaling); use amp bf16 on the CPU")
-    if cfg.sync_bn and world > 1 and device.type != "cuda":
-        raise ConfigError("sync_bn needs GPUs: torch's SyncBatchNorm has no CPU implementation")
+    cfg = replace(cfg, out=str(out), warmup_epochs=cfg.warmup())
+    warnings = _check_recipe(cfg, world, device)
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
         torch.use_deterministic_algorithms(True)
@@ -378,11 +639,24 @@ def _train(cfg: TrainConfig, callback, rank: int, world: int, device: torch.devi
         "image_size": data.image_size,
     }
 
+    # --- speed settings: chosen once, for this device and the whole run ---------------------------
+    speed = choose_speed(cfg, device, cfg.epochs * steps_per_epoch)
+    cfg = replace(
+        cfg,
+        amp=speed.amp,
+        channels_last="on" if speed.channels_last else "off",
+        compile="on" if speed.compile else "off",
+        threads=speed.threads,
+    )
+    _check_recipe(cfg, world, device)  # the resolved amp, too
+    if device.type == "cpu":
+        torch.set_num_threads(speed.threads)
+    fmt = torch.channels_last if speed.channels_last else torch.contiguous_format
+
     # --- model, optimizer, state -----------------------------------------------------------------
     torch.manual_seed(cfg.seed)
     overrides = {k: getattr(cfg, k) for k in ("dropout", "drop_path", "zero_init_last") if getattr(cfg, k)}
     model = create_model(cfg.model, num_classes=data.num_classes, in_chans=data.channels, **overrides)
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt)
     if cfg.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -394,246 +668,223 @@ def _train(cfg: TrainConfig, callback, rank: int, world: int, device: torch.devi
     )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    start_epoch, start_step, step, rows, train_time, run_time = 0, 0, 0, [], 0.0, 0.0
+    state = RunState(model, optimizer, scaler, ema, device)
     if ckpt is not None:
-        load_state(model, ckpt["model"], "last.ckpt")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None:
-            load_state(ema.module, ckpt["ema"], "last.ckpt (EMA)")
-            ema.updates = ckpt["ema_updates"]
-        start_epoch, step, rows = ckpt["epoch"], ckpt["step"], ckpt["metrics"]
-        start_step = ckpt.get("epoch_step", 0)  # > 0: the checkpoint was written inside an epoch
-        train_time, run_time = ckpt["train_time_s"], ckpt["time_s"]
-        _set_rng_state(ckpt["rng"], device)
+        state.load_state_dict(ckpt, str(out / "last.ckpt"))
     n_params = sum(p.numel() for p in model.parameters())
 
-    # --- wrap ------------------------------------------------------------------------------------
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None
         )
-    if cfg.compile:
+    if speed.compile:
         net = torch.compile(net)
+    if criterion is None:
+        criterion = functools.partial(F.cross_entropy, label_smoothing=cfg.label_smoothing)
+    step_fn = TrainStep(
+        model,
+        optimizer,
+        net=net,
+        scaler=scaler,
+        ema=ema,
+        criterion=criterion,
+        amp=cfg.amp,
+        memory_format=fmt,
+        world=world,
+        name=cfg.model,
+    )
     eval_model = ema.module if ema is not None else model
 
+    # --- the first writes: everything above has been checked --------------------------------------
+    log = None
     if main:
         out.mkdir(parents=True, exist_ok=True)
         # The resolved recipe, without where this run lives: `--config` on it trains the same thing
         # again into a new folder.
         recipe = replace(cfg, out=None, resume=False).to_toml()
         atomic_write(out / "config.toml", lambda f: f.write(recipe.encode()))
-        print(
+        log = RunLog(out, cfg.tensorboard, cfg.log_every, purge_step=state.step + 1 if ckpt else None)
+        for w in warnings:
+            print(f"warning: {w}", file=sys.stderr, flush=True)
+        say(
             f"{cfg.model} ({n_params / 1e6:.2f}M params) on {cfg.data}: {data.num_train} train / "
             f"{data.num_test} test images, {steps_per_epoch} steps of {cfg.batch_size} per epoch, "
             f"{world} x {device.type}"
-            + (f", resuming after epoch {start_epoch}" if ckpt else "")
+            + (f", resuming after epoch {state.epoch}" if ckpt else "")
             + f" -> {out}",
             flush=True,
         )
+        say(speed.line(), flush=True)
 
     # --- loop ------------------------------------------------------------------------------------
     from tqdm import tqdm
 
-    def snapshot(epoch_done: int, epoch_step: int, sums: torch.Tensor, epoch_s: float) -> None:
-        """Write last.ckpt: after `epoch_done` whole epochs and `epoch_step` steps of the next.
-        Collective under DDP (every rank calls it at the same step); rank 0 writes."""
-        nonlocal saved_step
-        if epoch_step and world > 1:
-            sums = sums.clone()
-            dist.all_reduce(sums)  # the partial epoch's totals over all ranks
-        if main:
-            state = {
-                "model": model.state_dict(),
-                "ema": ema.module.state_dict() if ema else None,
-                "ema_updates": ema.updates if ema else 0,
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch_done,
-                "step": step,
-                "epoch_step": epoch_step,
-                "epoch_sums": sums.tolist() if epoch_step else [0.0] * 4,
-                "epoch_train_s": epoch_s if epoch_step else 0.0,
-                "rng": _rng_state(device),
-                "model_name": cfg.model,
-                "spec": asdict(model.spec),
-                "config": asdict(cfg),
-                "data_info": data_info,
-                "metrics": rows,
-                "train_time_s": train_time,
-                "time_s": time.perf_counter() - t_start,
-            }
-            save_checkpoint(out / "last.ckpt", state)
-        saved_step = step
+    t_start = time.perf_counter() - state.time_s
+    saved_step = state.step if ckpt is not None else None
+    first_step_s = None
 
-    def stopped(signum: int, epoch: int, epoch_step: int) -> RunStopped:
+    def snapshot(epoch_totals: Totals, epoch_s: float) -> None:
+        """Write last.ckpt at `state`'s position. Collective under DDP inside an epoch (every
+        rank calls it at the same step); rank 0 writes."""
+        nonlocal saved_step
+        if state.epoch_step:
+            sums = Totals(device, epoch_totals.tensor.tolist())
+            if world > 1:
+                sums.all_reduce()  # the partial epoch's totals over all ranks
+            state.epoch_sums, state.epoch_train_s = sums.tensor.tolist(), epoch_s
+        else:
+            state.epoch_sums, state.epoch_train_s = [0.0] * len(Totals.NAMES), 0.0
+        state.time_s = time.perf_counter() - t_start
+        if main:
+            extra = {"model_name": cfg.model, "spec": asdict(model.spec), "config": asdict(cfg)}
+            save_checkpoint(out / "last.ckpt", {**state.state_dict(), **extra, "data_info": data_info})
+        saved_step = state.step
+
+    def stopped(signum: int) -> RunStopped:
         where = (
-            f"epoch {epoch + 1}, step {epoch_step} of {steps_per_epoch}"
-            if epoch_step
-            else f"end of epoch {epoch}"
+            f"epoch {state.epoch + 1}, step {state.epoch_step} of {steps_per_epoch}"
+            if state.epoch_step
+            else f"end of epoch {state.epoch}"
         )
         return RunStopped(
-            f"stopped by {signal.Signals(signum).name} after step {step} ({where}); {out / 'last.ckpt'} "
+            f"stopped by {signal.Signals(signum).name} after step {state.step} ({where}); {out / 'last.ckpt'} "
             f"holds it. Resume with: resnets train --out {out} --resume",
             signum,
             str(out),
         )
 
-    t_start = time.perf_counter() - run_time
-    saved_step = step if ckpt is not None else None
     bad_streak = 0
-    with _StopSignals(announce=main) as signals:
-        for epoch in range(start_epoch, cfg.epochs):
-            model.train()
-            first = start_step if epoch == start_epoch else 0
-            t_begin = time.perf_counter()
-            t0 = t_begin - (ckpt["epoch_train_s"] if first else 0.0)  # the epoch's start, resumed or not
-            # loss, correct, images, skipped steps; a resumed partial epoch's totals sit on rank 0
-            sums = torch.zeros(4, dtype=torch.float64, device=device)
-            if first and main:
-                sums += sums.new_tensor(ckpt["epoch_sums"])
-            seen0 = sums[2].item()
-            bar = tqdm(
-                total=steps_per_epoch,
-                initial=first,
-                desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                disable=cfg.quiet or not main,
-                dynamic_ncols=True,
-                file=sys.stderr,
-            )
-            batches = data.train_batches(
-                epoch,
-                seed=cfg.seed,
-                batch_size=cfg.batch_size,
-                augment=augment,
-                rank=rank,
-                world=world,
-                accum=cfg.accum_steps,
-                start=first,
-            )
-            for epoch_step, micro in enumerate(batches, start=first + 1):
-                lr = lr_at(step, cfg, steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                part = torch.zeros(4, dtype=torch.float64, device=device)
-                for i, (x, y) in enumerate(micro):
-                    x = x.contiguous(memory_format=fmt)
-                    # Gradients are averaged across processes once per step, on the last micro-batch.
-                    skip_sync = world > 1 and i < len(micro) - 1
-                    with net.no_sync() if skip_sync else contextlib.nullcontext():
-                        try:
-                            with autocast(device, cfg.amp):
-                                logits = net(x)
-                        except (RuntimeError, ValueError) as exc:  # ValueError: BN on one value
-                            raise _shape_error(exc, x, cfg.model) from None
-                        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                        scaler.scale(loss / len(micro)).backward()
-                    part += torch.stack(
-                        [
-                            loss.detach().double() * len(y),
-                            (logits.argmax(1) == y).sum().double(),
-                            part.new_tensor(len(y)),
-                            part.new_zeros(()),
-                        ]
-                    )
-                # One check per step, before the update: a non-finite loss, a stop request. Under
-                # DDP every rank must decide alike, so the flags are reduced over the ranks.
-                finite = torch.isfinite(part[0])
-                if world > 1:
-                    flags = torch.stack([(~finite).double(), part.new_tensor(signals.signum)])
-                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                    bad, signum = (int(v) for v in flags.tolist())
-                else:
-                    bad, signum = not finite.item(), signals.signum
-                if bad:
-                    optimizer.zero_grad(set_to_none=True)
-                    bad_streak += 1
-                    if cfg.nonfinite == "stop" or bad_streak > MAX_SKIPPED_IN_A_ROW:
-                        bar.close()
-                        raise TrainingError(
-                            _nonfinite_message(
-                                cfg,
-                                part,
-                                step,
-                                f"epoch {epoch + 1}, step {epoch_step} of {steps_per_epoch}",
-                                out,
-                                saved_step,
-                                bad_streak,
+    try:
+        with _StopSignals(announce=main) as signals:
+            for epoch in range(state.epoch, cfg.epochs):
+                model.train()
+                first = state.epoch_step  # > 0: resumed inside this epoch
+                t_begin = time.perf_counter()
+                t0 = t_begin - state.epoch_train_s  # the epoch's start, resumed or not
+                # A resumed partial epoch's totals (over all ranks) sit on rank 0.
+                totals = Totals(device, state.epoch_sums if first and main else None)
+                seen0 = totals.read()["seen"]
+                bar = tqdm(
+                    total=steps_per_epoch,
+                    initial=first,
+                    desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                    disable=cfg.quiet or not main,
+                    dynamic_ncols=True,
+                    file=sys.stderr,
+                )
+                batches = data.train_batches(
+                    epoch,
+                    seed=cfg.seed,
+                    batch_size=cfg.batch_size,
+                    augment=augment,
+                    rank=rank,
+                    world=world,
+                    accum=cfg.accum_steps,
+                    start=first,
+                )
+                for epoch_step, micro in enumerate(batches, start=first + 1):
+                    lr = lr_at(state.step, cfg, steps_per_epoch)
+                    t_step = time.perf_counter()
+                    outcome = step_fn(micro, lr, signals.signum)
+                    if first_step_s is None:
+                        first_step_s = time.perf_counter() - t_step
+                    if outcome.finite:
+                        bad_streak = 0
+                        totals.add(outcome.totals)
+                    else:
+                        bad_streak += 1
+                        if cfg.nonfinite == "stop" or bad_streak > MAX_SKIPPED_IN_A_ROW:
+                            bar.close()
+                            where = f"epoch {epoch + 1}, step {epoch_step} of {steps_per_epoch}"
+                            raise TrainingError(
+                                _nonfinite_message(
+                                    cfg, outcome.totals, state.step, where, out, saved_step, bad_streak
+                                )
                             )
-                        )
-                    sums[3] += 1
-                else:
-                    bad_streak = 0
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    if ema is not None:
-                        ema.update(model)
-                    sums += part
-                step += 1
-                if not bar.disable and (epoch_step % 5 == 0 or epoch_step == steps_per_epoch):
-                    loss_sum, correct, seen = sums[:3].tolist()  # a device sync, so only every few steps
-                    rate = (seen - seen0) * world / max(time.perf_counter() - t_begin, 1e-9)
-                    if seen:
-                        bar.set_postfix(
-                            loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:.0f}"
-                        )
-                bar.update(1)
-                if epoch_step < steps_per_epoch and (
-                    signum or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
-                ):
-                    snapshot(epoch, epoch_step, sums, time.perf_counter() - t0)
-                    if signum:
-                        bar.close()
-                        raise stopped(signum, epoch, epoch_step)
-            if world > 1:
-                dist.all_reduce(sums)
-            epoch_train_s = time.perf_counter() - t0
-            train_time += epoch_train_s
-            loss_sum, correct, seen, skipped = sums.tolist()
-            if not seen:
+                        totals.count_skipped()
+                    state.step += 1
+                    state.epoch_step = epoch_step % steps_per_epoch
+                    if on_step is not None:
+                        on_step(state.step)
+                    if log is not None:
+                        log.step(state.step, outcome.totals, lr)
+                    if not bar.disable and (epoch_step % 5 == 0 or epoch_step == steps_per_epoch):
+                        v = totals.read()  # a device sync, so only every few steps
+                        rate = (v["seen"] - seen0) * world / max(time.perf_counter() - t_begin, 1e-9)
+                        if v["seen"]:
+                            bar.set_postfix(
+                                loss=f"{v['loss_sum'] / v['seen']:.3f}",
+                                acc=f"{v['correct'] / v['seen']:.3f}",
+                                img_s=f"{rate:.0f}",
+                            )
+                    bar.update(1)
+                    if epoch_step < steps_per_epoch and (
+                        outcome.signum or (cfg.ckpt_every and state.step % cfg.ckpt_every == 0)
+                    ):
+                        snapshot(totals, time.perf_counter() - t0)
+                        if outcome.signum:
+                            bar.close()
+                            raise stopped(outcome.signum)
+
+                # --- end of the epoch: evaluate, checkpoint, log ---------------------------------
+                if world > 1:
+                    totals.all_reduce()
+                epoch_train_s = time.perf_counter() - t0
+                state.train_time_s += epoch_train_s
+                v = totals.read()
+                if not v["seen"]:
+                    bar.close()
+                    raise TrainingError(f"every step of epoch {epoch + 1} had a non-finite loss; stopped")
+                test = evaluate(
+                    eval_model,
+                    data,
+                    tta=cfg.tta,
+                    batch_size=cfg.eval_batch_size,
+                    amp=cfg.amp,
+                    memory_format=fmt,
+                )
+                row = {
+                    "epoch": epoch + 1,
+                    "train_loss": round(v["loss_sum"] / v["seen"], 6),
+                    "train_top1": round(v["correct"] / v["seen"], 6),
+                    "test_loss": round(test["loss"], 6),
+                    "test_top1": round(test["top1"], 6),
+                    "test_top5": round(test["top5"], 6),
+                    "lr": round(lr, 8),
+                    "images_per_s": round(v["seen"] / epoch_train_s, 1),
+                    "skipped_steps": int(v["skipped"]),
+                    "time_s": round(time.perf_counter() - t_start, 2),
+                }
+                state.metrics.append(row)
+                bar.set_postfix(
+                    loss=f"{row['train_loss']:.3f}",
+                    acc=f"{row['train_top1']:.3f}",
+                    test=f"{row['test_top1']:.4f}",
+                )
                 bar.close()
-                raise TrainingError(f"every step of epoch {epoch + 1} had a non-finite loss; stopped")
-            test = evaluate(
-                eval_model, data, tta=cfg.tta, batch_size=cfg.eval_batch_size, amp=cfg.amp, memory_format=fmt
-            )
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": round(loss_sum / seen, 6),
-                "train_top1": round(correct / seen, 6),
-                "test_loss": round(test["loss"], 6),
-                "test_top1": round(test["top1"], 6),
-                "test_top5": round(test["top5"], 6),
-                "lr": round(lr, 8),
-                "images_per_s": round(seen / epoch_train_s, 1),
-                "skipped_steps": int(skipped),
-                "time_s": round(time.perf_counter() - t_start, 2),
-            }
-            rows.append(row)
-            bar.set_postfix(
-                loss=f"{row['train_loss']:.3f}",
-                acc=f"{row['train_top1']:.3f}",
-                test=f"{row['test_top1']:.4f}",
-            )
-            bar.close()
-            snapshot(epoch + 1, 0, sums, 0.0)
-            if main:
-                _write_metrics(out / "metrics.csv", rows)
-                if cfg.quiet:
-                    print(
-                        f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_top1']:.4f}"
-                        f"  test loss {row['test_loss']:.4f} top1 {row['test_top1']:.4f} top5 {row['test_top5']:.4f}"
-                        f"  lr {lr:.4g}  {row['images_per_s']:.0f} img/s  {row['time_s']:.1f} s"
-                        + (f"  {row['skipped_steps']} steps skipped" if skipped else ""),
-                        flush=True,
-                    )
-            if callback is not None:
-                callback(row)
-            if signals.signum and epoch + 1 < cfg.epochs:
-                raise stopped(signals.signum, epoch + 1, 0)
+                state.epoch, state.epoch_step = epoch + 1, 0
+                snapshot(totals, 0.0)
+                if log is not None:
+                    log.epoch(state.metrics, state.step)
+                    if cfg.quiet:
+                        print(
+                            f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_top1']:.4f}"
+                            f"  test loss {row['test_loss']:.4f} top1 {row['test_top1']:.4f} top5 {row['test_top5']:.4f}"
+                            f"  lr {lr:.4g}  {row['images_per_s']:.0f} img/s  {row['time_s']:.1f} s"
+                            + (f"  {row['skipped_steps']} steps skipped" if v["skipped"] else ""),
+                            flush=True,
+                        )
+                if callback is not None:
+                    callback(row)
+                if signals.signum and epoch + 1 < cfg.epochs:
+                    raise stopped(signals.signum)
+    finally:
+        if log is not None:
+            log.close()
 
     # --- final files -----------------------------------------------------------------------------
+    rows = state.metrics
     last, best = rows[-1], max(rows, key=lambda r: r["test_top1"])
     summary = {
         "model": cfg.model,
@@ -647,12 +898,15 @@ def _train(cfg: TrainConfig, callback, rank: int, world: int, device: torch.devi
         "train_loss": last["train_loss"],
         "train_top1": last["train_top1"],
         "time_s": last["time_s"],
-        "train_images_per_s": round(len(rows) * steps_per_epoch * cfg.batch_size / train_time, 1),
+        "train_images_per_s": round(len(rows) * steps_per_epoch * cfg.batch_size / state.train_time_s, 1),
         "skipped_steps": sum(r.get("skipped_steps", 0) for r in rows),
         "params": n_params,
         "ema": ema is not None,
         "tta": cfg.tta,
+        "speed": speed.as_dict(),
+        "first_step_s": round(first_step_s, 3) if first_step_s is not None else None,
         "device": f"{world} x {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}",
+        "cpu": _cpu_name(),
         "torch": torch.__version__,
         "out": str(out),
     }
@@ -666,3 +920,15 @@ def _train(cfg: TrainConfig, callback, rank: int, world: int, device: torch.devi
             flush=True,
         )
     return summary
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write, save_model_file, spec_from_dict
+from .checkpoint import atomic_write, check_archive_size, model_from_spec, save_model_file
 from .convert import LAYOUTS, from_ours, to_ours
 from .errors import CheckpointError
 from .models.net import ResNet
@@ -59,13 +59,14 @@ def _read_file(path: Path) -> tuple[Any, dict[str, str]]:
     if path.stat().st_size == 0:
         raise WeightsError(f"{path} is empty")
     if path.suffix == ".safetensors" or _is_safetensors(path):
-        from safetensors import SafetensorError, safe_open
+        from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, or what a crafted file raises
             raise WeightsError(f"{path} is not a readable safetensors file ({_first_line(exc)})") from None
+    check_archive_size(path)  # before torch.load inflates anything
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. about the pickle protocol of a file it then refuses
@@ -83,7 +84,7 @@ def _read_file(path: Path) -> tuple[Any, dict[str, str]]:
             f"{path} is not a PyTorch checkpoint (unreadable pickle data"
             + (f": {detail.group(1).strip()})" if detail else ")")
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a crafted file can make the reader raise anything
         raise WeightsError(
             f"{path} is not a readable PyTorch checkpoint, truncated or corrupt ({_first_line(exc)})"
         ) from None
@@ -138,8 +139,11 @@ def read_weights(source: Source) -> tuple[StateDict, dict[str, Any]]:
     elif isinstance(meta.get("spec"), str):
         try:
             meta = {**meta, "spec": json.loads(meta["spec"])}
-        except json.JSONDecodeError as exc:
-            raise WeightsError(f"{source}: the stored spec is not valid JSON ({exc})") from None
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise WeightsError(f"{source}: the stored spec is not valid JSON ({_first_line(exc)})") from None
+        if not isinstance(meta["spec"], Mapping):
+            kind = type(meta["spec"]).__name__
+            raise WeightsError(f"{source}: the stored spec must be a dict of network settings, got {kind}")
     return unwrap(obj), meta
 
 
@@ -349,7 +353,7 @@ def load_model(path: str | os.PathLike) -> ResNet:
             f"{path} does not record which model it holds; build it with create_model(NAME) and "
             "load_weights(model, path) instead"
         )
-    model = ResNet(spec_from_dict(meta["spec"]), name=meta.get("model") or None)
+    model = model_from_spec(meta["spec"], meta.get("model"), state, str(path))
     _load(model, state, meta.get("layout", "resnets"), strict=True, where=str(path))
     return model.eval()
 
@@ -378,9 +382,15 @@ def model_from_weights(source: Source, model_name: str | None = None) -> tuple[R
         raise WeightsError(f"{where} is in no known ResNet layout (first keys: {', '.join(list(state)[:4])})")
     if model_name:
         fc = to_ours(state, layout, strict=False).get("head.fc.weight")
-        model = create_model(model_name, **({"num_classes": fc.shape[0]} if fc is not None else {}))
+        classes = {"num_classes": fc.shape[0]} if fc is not None and fc.ndim >= 1 and fc.shape[0] else {}
+        try:
+            model = create_model(model_name, **classes)
+        except (ValueError, TypeError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise WeightsError(f"cannot build {model_name} for {where}: {_first_line(exc)}") from None
     elif isinstance(meta.get("spec"), Mapping):
-        model = ResNet(spec_from_dict(meta["spec"]), name=meta.get("model") or None)
+        model = model_from_spec(meta["spec"], meta.get("model"), state, where)
     else:
         raise WeightsError(f"{where} does not record which model it holds; give its name (--model NAME)")
     _load(model, state, layout, strict=True, where=where)

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .layers import DropPath, SqueezeExcite, conv3x3, make_shortcut
 
@@ -32,9 +33,17 @@ COMMON_FIELDS = frozenset(
         "in_chans",
         "zero_init_last",
         "output_stride",
+        "global_pool",
     }
 )
 SHORTCUTS = ("A", "B", "C", "avgdown", "maxpool", "none")  # see layers.make_shortcut
+GLOBAL_POOLS = ("avg", "max", "avgmax", "")
+
+# Normalisation of the data a network expects, as timm's `pretrained_cfg` states it. ImageNet:
+# the torchvision / timm constants; CIFAR: per-channel mean and std of the 50,000 training images.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 
 def register_block(name: str):
@@ -75,6 +84,7 @@ class NetSpec:
     in_chans: int = 3
     zero_init_last: bool = False  # zero the last BN (or conv) of each residual branch
     output_stride: int = 32  # 8 or 16 replace the later strides by dilation (segmentation backbones)
+    global_pool: str = "avg"  # the head's pooling: avg, max, avgmax (their mean) or "" (none: feature maps)
 
     def __post_init__(self):
         if not (len(self.depths) == len(self.widths) == len(self.strides)):
@@ -89,6 +99,14 @@ class NetSpec:
                 or value < (0 if name == "num_classes" else 1)
             ):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.global_pool not in GLOBAL_POOLS:
+            raise ValueError(
+                f"global_pool must be one of {', '.join(map(repr, GLOBAL_POOLS))}, got {self.global_pool!r}"
+            )
+        if self.global_pool == "" and self.num_classes > 0:
+            raise ValueError(
+                "global_pool='' (no pooling) needs num_classes=0: a classifier needs pooled features"
+            )
         if self.output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {self.output_stride!r}")
         for name in ("dropout", "drop_path"):
@@ -273,21 +291,33 @@ class Stem(nn.Module):
 
 
 class Head(nn.Module):
-    """[BN] [ReLU] (pre-activation nets), global average pool, fully connected."""
+    """[BN] [ReLU] (pre-activation nets), global pooling, fully connected."""
 
-    def __init__(self, in_ch: int, num_classes: int, norm: bool = False, act: bool = False):
+    def __init__(
+        self, in_ch: int, num_classes: int, norm: bool = False, act: bool = False, global_pool: str = "avg"
+    ):
         super().__init__()
         self.in_features = in_ch
         self.norm = nn.BatchNorm2d(in_ch) if norm else None
         self.act = nn.ReLU(inplace=True) if act else None
+        self.global_pool = global_pool
         self.fc = nn.Linear(in_ch, num_classes) if num_classes > 0 else nn.Identity()
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.global_pool == "avg":
+            return x.mean((2, 3))
+        if self.global_pool == "max":
+            return x.amax((2, 3))
+        if self.global_pool == "avgmax":
+            return 0.5 * (x.mean((2, 3)) + x.amax((2, 3)))
+        return x
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.norm is not None:
             x = self.norm(x)
         if self.act is not None:
             x = self.act(x)
-        x = x.mean((2, 3))
+        x = self.pool(x)
         return x if pre_logits else self.fc(x)
 
 
@@ -321,7 +351,10 @@ class ResNet(nn.Module):
             self.feature_info.append({"num_chs": width, "reduction": reduction, "module": f"stages.{s}"})
         self.stages = nn.ModuleList(stages)
         self.num_features = in_ch
-        self.head = Head(in_ch, spec.num_classes, head_norm, head_act)
+        self.head = Head(in_ch, spec.num_classes, head_norm, head_act, spec.global_pool)
+        self.grad_checkpointing = False
+        self.pretrained_cfg = self._data_config()
+        self.default_cfg = self.pretrained_cfg  # timm's older name for the same dict
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -351,15 +384,59 @@ class ResNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier (fine-tuning on a new label set)."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier (fine-tuning on a new label set) and optionally the pooling."""
+        pool = self.spec.global_pool if global_pool is None else global_pool
+        self.spec = replace(self.spec, num_classes=num_classes, global_pool=pool)  # validates both
         self.head.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.spec = replace(self.spec, num_classes=num_classes)
+        self.head.global_pool = pool
+        self.pretrained_cfg["num_classes"] = num_classes
+
+    def _data_config(self) -> dict:
+        """What timm's `resolve_data_config(model=...)` reads: the input the network was designed for."""
+        spec = self.spec
+        cifar = spec.stem == "cifar"
+        size = 32 if cifar else 224
+        if not cifar:
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        else:
+            mean, std = (
+                (CIFAR100_MEAN, CIFAR100_STD) if spec.num_classes == 100 else (CIFAR10_MEAN, CIFAR10_STD)
+            )
+        if spec.in_chans != 3:  # one value per channel, the average of the RGB ones
+            mean, std = ((sum(v) / 3,) * spec.in_chans for v in (mean, std))
+        final = -(-size // self.feature_info[-1]["reduction"])
+        return {
+            "architecture": self.name or "",
+            "num_classes": spec.num_classes,
+            "input_size": (spec.in_chans, size, size),
+            "pool_size": (final, final),
+            # CIFAR nets are tested on the whole 32x32 image; ImageNet nets on a 224 crop of 256.
+            "crop_pct": 1.0 if cifar else 0.875,
+            "crop_mode": "center",
+            "interpolation": "bilinear",
+            "mean": mean,
+            "std": std,
+            "first_conv": "stem.conv1" if spec.stem == "deep" else "stem.conv",
+            "classifier": "head.fc",
+        }
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them.
+
+        The gradients are the same; BN running statistics are updated twice per step (the
+        recomputation runs BN in training mode again), as with timm's checkpointing.
+        """
+        self.grad_checkpointing = enable
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         for stage in self.stages:
-            x = stage(x)
+            if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+                for block in stage:
+                    x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = stage(x)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -398,6 +475,7 @@ class FeatureExtractor(nn.Module):
         # Stages after the last requested one are never run, so they are not kept.
         self.stages = nn.ModuleList(list(net.stages)[: max(self.out_indices)])
         self.feature_info = FeatureInfo(net.feature_info[i] for i in self.out_indices)
+        self.pretrained_cfg = self.default_cfg = net.pretrained_cfg
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)

@@ -592,14 +592,26 @@ def add_bench_arguments(p) -> None:
     p.add_argument("--plot", metavar="FILE.png", help="draw GMACs against latency")
 
 
+MAX_INPUT_VALUES = 1 << 31  # 8 GiB of float32 input
+
+
 def bench_from_args(args) -> dict[str, Any]:
     """Run what the parsed command line asks; user mistakes raise BenchError."""
     if not args.names:
         raise BenchError("name at least one model or pattern, e.g. `resnets bench resnet50 --peers`")
     if args.input_size is not None and args.input_size < 1:
         raise BenchError(f"--input-size must be positive, got {args.input_size}")
-    if args.max_seconds <= 0:
-        raise BenchError(f"--max-seconds must be positive, got {args.max_seconds}")
+    if not 0 < args.max_seconds < float("inf"):  # nan and inf would time for ever
+        raise BenchError(f"--max-seconds must be a positive number of seconds, got {args.max_seconds}")
+    for name in resolve_names(args.names):  # the input tensor alone, before anything is timed
+        entry = get_entry(name)
+        size = args.input_size or entry.input_size
+        values = args.batch_size * entry.spec.in_chans * size * size
+        if values > MAX_INPUT_VALUES:
+            raise BenchError(
+                f"{name}: a batch of {args.batch_size} at {size}x{size} is {values:,} input values, "
+                f"more than the {MAX_INPUT_VALUES:,} a benchmark may allocate"
+            )
     if args.plot and not args.plot.lower().endswith(".png"):
         raise BenchError(f"--plot writes a PNG file; got {args.plot!r}")
     report = run_bench(

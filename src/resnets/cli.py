@@ -24,6 +24,69 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
+# Largest square input a command builds an example of: 8192^2 RGB float32 is already 0.8 GB.
+MAX_INPUT_SIZE = 8192
+MAX_WORKERS = 256
+
+
+def parse_device(text: str, flag: str = "--device") -> str:
+    """`text` if it names a device this machine has (cpu, cuda, cuda:N), else a UserError; checked
+    before anything runs, so a typo costs nothing."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(f"{flag} {text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu" and dev.index in (None, 0):
+        return text
+    if dev.type != "cuda":
+        raise UserError(f"{flag} {text!r} is not supported; use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UserError(f"{flag} {text!r}: torch sees no CUDA device on this machine")
+    n = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= n:
+        raise UserError(f"{flag} {text!r}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    return text
+
+
+def check_input_size(size: int | None, flag: str = "--input-size") -> None:
+    if size is not None and size < 1:
+        raise UserError(f"{flag} must be positive, got {size}")
+    if size is not None and size > MAX_INPUT_SIZE:
+        raise UserError(f"{flag} must be at most {MAX_INPUT_SIZE}, got {size}")
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """A file the command will write: its folder must exist and be writable, and it must not be
+    a folder itself. Checked before the work that produces it."""
+    import os
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; name the file to write")
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{flag} {path}: the folder {folder} is not writable")
+
+
+def check_output_folder(path: str, flag: str) -> None:
+    """A folder the command will create or write into: not a file, and writable where it exists
+    (or where its nearest existing parent is)."""
+    import os
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file, not a folder")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"{flag} {path}: {existing} is not writable")
+
+
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
@@ -124,8 +187,7 @@ def cmd_info(args) -> int:
 
     entry = get_entry(args.name)
     size = entry.input_size if args.input_size is None else args.input_size
-    if size < 1:
-        raise UserError(f"--input-size must be positive, got {size}")
+    check_input_size(size)
     try:
         rows = stage_table(args.name, size)
     except RuntimeError as exc:  # e.g. an input too small for the network's strides
@@ -213,6 +275,9 @@ def cmd_eval(args) -> int:
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not 0 <= args.workers <= MAX_WORKERS:
+        raise UserError(f"--workers must be between 0 and {MAX_WORKERS}, got {args.workers}")
+    parse_device(args.device)
     try:
         r = evaluate_file(
             args.checkpoint,
@@ -255,6 +320,10 @@ def add_bench_parser(sub) -> None:
 def cmd_bench(args) -> int:
     from .bench import BenchError, bench_from_args, format_report
 
+    parse_device(args.device)
+    check_input_size(args.input_size)
+    if args.plot:  # before the benchmark, not after it
+        check_output_file(args.plot, "--plot")
     try:
         report = bench_from_args(args)
     except BenchError as exc:
@@ -308,6 +377,7 @@ def cmd_convert(args) -> int:
     from .errors import ResnetsError
     from .weights import convert_file
 
+    check_output_file(args.dst, "DST")
     try:
         r = convert_file(args.src, args.dst, args.model, args.to)
     except ResnetsError as exc:
@@ -330,9 +400,9 @@ def cmd_export(args) -> int:
     from .errors import ResnetsError
     from .export import build_for_export, export
 
-    size = args.input_size or get_entry(args.name).input_size
-    if size < 1:
-        raise UserError(f"--input-size must be positive, got {size}")
+    size = get_entry(args.name).input_size if args.input_size is None else args.input_size
+    check_input_size(size)
+    check_output_file(args.out, "OUT")
     try:
         r = export(build_for_export(args.name, args.weights), args.out, args.format, size)
     except ResnetsError as exc:

@@ -26,6 +26,16 @@ def _positive(value: str) -> int:
     return n
 
 
+MAX_SIZE = 2048  # the studies hold batches of inputs and every activation of them
+
+
+def _size(value: str) -> int:
+    n = _positive(value)
+    if n > MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SIZE}, got {value}")
+    return n
+
+
 def _block(value: str) -> tuple[int, int]:
     try:
         stage, index = (int(v) for v in value.split("."))
@@ -56,15 +66,13 @@ def add_study_parsers(parser: argparse.ArgumentParser) -> None:
         help="training runs (folder or model.safetensors): trained and init",
     )
     p.add_argument("--batch-size", type=_positive, default=32)
-    p.add_argument(
-        "--input-size", type=_positive, default=None, help="default: each model's own (32 CIFAR, 224)"
-    )
+    p.add_argument("--input-size", type=_size, default=None, help="default: each model's own (32 CIFAR, 224)")
     _common(p)
 
     p = sub.add_parser("receptive-field", help="effective receptive field per stage and per Res2Net split")
     p.add_argument("--model", nargs="+", default=list(ERF_MODELS))
     p.add_argument(
-        "--input-size", type=_positive, default=None, help="default: each model's own (224 for ImageNet nets)"
+        "--input-size", type=_size, default=None, help="default: each model's own (224 for ImageNet nets)"
     )
     p.add_argument(
         "--num-inputs", type=_positive, default=8, help="random inputs the gradient is averaged over"
@@ -83,7 +91,7 @@ def add_study_parsers(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--channels", type=_positive, default=16, help="input channels (the output has twice as many)"
     )
-    p.add_argument("--size", type=_positive, default=32, help="input height and width (even)")
+    p.add_argument("--size", type=_size, default=32, help="input height and width (even)")
     p.add_argument("--num-fit", type=_positive, default=128, help="inputs the linear decoder is fitted on")
     p.add_argument("--num-test", type=_positive, default=64, help="held-out inputs it is scored on")
     _common(p)
@@ -204,9 +212,10 @@ def run_study(args: argparse.Namespace) -> int:
     """Run the chosen study, print its table and where the files went."""
     import importlib
 
-    from ..cli import UserError, _table
+    from ..cli import UserError, _table, check_output_folder
     from ..errors import ResnetsError
 
+    check_output_folder(args.out, "--out")
     runner, module = STUDIES[args.study]
     try:
         result = runner(args)

@@ -36,6 +36,12 @@ class LoadedModel:
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 images -> the float input the model expects."""
+        channels = getattr(getattr(self.model, "spec", None), "in_chans", pixels.shape[1])
+        if pixels.shape[1] != channels:
+            raise StudyError(
+                f"{self.label} takes {channels}-channel images, but these images have "
+                f"{pixels.shape[1]} channels"
+            )
         x = pixels.float() / 255
         if self.mean is None:
             mean, std = x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True)
@@ -65,7 +71,7 @@ def load_checkpoint_model(path: str | Path) -> LoadedModel:
     model, meta = load_model_file(path)
     name = model.name or "model"
     # The run folder tells runs of one model apart; it adds nothing when it is the model's name.
-    label = name if path.parent.name == name else f"{name} ({path.parent.name})"
+    label = name if path.parent.name in ("", name) else f"{name} ({path.parent.name})"
     mean, std = meta.get("mean"), meta.get("std")
     return LoadedModel(
         model.eval(),

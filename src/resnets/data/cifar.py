@@ -349,6 +349,8 @@ def load_cifar(
     src = SOURCES[name]
     data_dir = Path(data_dir).expanduser()
     cache = Path(cache_dir).expanduser() if cache_dir else None
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"--data-dir {data_dir} is a file, not a folder")
     tree = _is_image_tree(data_dir)
     folder = None if tree else _find_batches(data_dir, src)
     if not tree and folder is None:

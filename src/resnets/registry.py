@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+from collections.abc import Callable
 from dataclasses import replace
+
+from torch import nn
 
 from .models import ENTRIES, FAMILIES, Entry, Family, Paper
 from .models.net import FeatureExtractor, NetSpec, ResNet
@@ -59,13 +62,21 @@ def resolve_spec(name: str, **overrides) -> NetSpec:
 
 
 def create_model(
-    name: str, *, features_only: bool = False, out_indices: tuple[int, ...] = (1, 2, 3, 4), **overrides
+    name: str,
+    *,
+    features_only: bool = False,
+    out_indices: tuple[int, ...] = (1, 2, 3, 4),
+    norm_layer: Callable[[int], nn.Module] | None = None,
+    act_layer: Callable[..., nn.Module] | None = None,
+    **overrides,
 ) -> ResNet | FeatureExtractor:
     """Build a registered network, e.g. `create_model("resnet50", num_classes=10, drop_path=0.1)`.
 
     `features_only=True` returns a backbone that outputs the feature maps of `out_indices`
     (0 = stem, 1..4 = stages) and lists their channels and strides in `.feature_info`;
-    `output_stride=16` or `8` trades the last strides for dilation.
+    `output_stride=16` or `8` trades the last strides for dilation. `norm_layer` (a class or
+    callable taking the channel count, e.g. torchvision.ops.FrozenBatchNorm2d) and `act_layer`
+    (e.g. nn.SiLU) replace BatchNorm2d and ReLU everywhere.
     """
-    net = ResNet(resolve_spec(name, **overrides), name=name)
+    net = ResNet(resolve_spec(name, **overrides), name=name, norm_layer=norm_layer, act_layer=act_layer)
     return FeatureExtractor(net, tuple(out_indices)) if features_only else net

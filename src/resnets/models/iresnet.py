@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import conv1x1, conv3x3
+from .layers import BN_RELU, Layers, conv1x1, conv3x3
 from .net import Block, NetSpec, Pos, register_block
 from .resnet import IMAGENET_WIDTHS_BASIC, IMAGENET_WIDTHS_BOTTLENECK, bottleneck_width
 from .zoo import Family, Paper, register
@@ -48,19 +48,24 @@ class _IBlock(Block):
     # block adds one: the plain "none" has no iResNet form.
     shortcuts = ("A", "B", "C", "avgdown", "maxpool")
 
-    def _init_position(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec) -> None:
+    def _init_position(
+        self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec, layers: Layers
+    ) -> None:
         if pos.depth < 2:
             raise ValueError("iResNet stages need at least two blocks (a start and an end block)")
         self.start, self.end = pos.first, pos.last
         self.relu_only = pos.index == 1  # right after the start block: no bn0
         self.relu_shortcut = self.relu_only and spec.official_quirks
         last_ch = out_ch
-        self.bn0 = None if self.start or self.relu_only else nn.BatchNorm2d(in_ch)
-        last_bn = nn.BatchNorm2d(last_ch) if self.start or self.end else None
+        self.bn0 = None if self.start or self.relu_only else layers.norm(in_ch)
+        last_bn = layers.norm(last_ch) if self.start or self.end else None
         setattr(self, f"bn{self.n_convs}", last_bn)
         # No ReLU after the add: an end block applies BN-ReLU itself, the others none.
         kind = spec.shortcut if self.start else "B"  # "B" on an unchanged shape is the identity
-        self._init_tail(in_ch, out_ch, stride, pos, spec, act_after_add=False, kind=kind)
+        self._init_tail(in_ch, out_ch, stride, pos, spec, layers, act_after_add=False, kind=kind)
+        # The block after the start block activates its input without BN; not in place, as the
+        # input is also the shortcut's (official_quirks passes the activated one on instead).
+        self.act_in = layers.act(inplace=False) if self.relu_only else None
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -68,12 +73,12 @@ class _IBlock(Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.start:
             inp = x
-        elif self.relu_only:
-            inp = torch.relu(x)
+        elif self.act_in is not None:
+            inp = self.act_in(x)
             if self.relu_shortcut:
                 x = inp
         else:
-            inp = torch.relu_(self.bn0(x))  # the BN output is fresh: no second buffer
+            inp = self.act(self.bn0(x))  # in place: the BN output is fresh, no second buffer
         last_bn = getattr(self, f"bn{self.n_convs}")
         out = self.branch(inp)
         if self.start:
@@ -104,12 +109,14 @@ class IBasicBlock(_IBlock):
 
     n_convs = 2
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
+    def __init__(
+        self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec, layers: Layers = BN_RELU
+    ):
         super().__init__()
         d = pos.dilation
-        self.conv1, self.bn1 = conv3x3(in_ch, out_ch, stride, dilation=d), nn.BatchNorm2d(out_ch)
+        self.conv1, self.bn1 = conv3x3(in_ch, out_ch, stride, dilation=d), layers.norm(out_ch)
         self.conv2 = conv3x3(out_ch, out_ch, dilation=d)
-        self._init_position(in_ch, out_ch, stride, pos, spec)
+        self._init_position(in_ch, out_ch, stride, pos, spec, layers)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(self.act(self.bn1(self.conv1(x))))
@@ -123,13 +130,15 @@ class IBottleneck(_IBlock):
 
     n_convs = 3
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
+    def __init__(
+        self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec, layers: Layers = BN_RELU
+    ):
         super().__init__()
         width = bottleneck_width(out_ch, spec)
-        self.conv1, self.bn1 = conv1x1(in_ch, width), nn.BatchNorm2d(width)
-        self.conv2, self.bn2 = conv3x3(width, width, stride, spec.groups, pos.dilation), nn.BatchNorm2d(width)
+        self.conv1, self.bn1 = conv1x1(in_ch, width), layers.norm(width)
+        self.conv2, self.bn2 = conv3x3(width, width, stride, spec.groups, pos.dilation), layers.norm(width)
         self.conv3 = conv1x1(width, out_ch)
-        self._init_position(in_ch, out_ch, stride, pos, spec)
+        self._init_position(in_ch, out_ch, stride, pos, spec, layers)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act(self.bn1(self.conv1(x)))

@@ -2,9 +2,38 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Layers:
+    """The normalisation and activation a network builds everywhere (blocks, stem, head, shortcuts).
+
+    `norm_layer` is a class or callable taking the channel count (nn.BatchNorm2d,
+    torchvision.ops.FrozenBatchNorm2d, `lambda c: nn.GroupNorm(32, c)`); `act_layer` a class or
+    callable taking no argument or `inplace` (nn.ReLU, nn.SiLU, nn.GELU).
+    """
+
+    norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d
+    act_layer: Callable[..., nn.Module] = nn.ReLU
+
+    def norm(self, ch: int) -> nn.Module:
+        return self.norm_layer(ch)
+
+    def act(self, inplace: bool = True) -> nn.Module:
+        """In place where the caller says the input is not needed again (saves a buffer)."""
+        try:
+            return self.act_layer(inplace=inplace)
+        except TypeError:  # an activation without the option (nn.GELU, a plain callable)
+            return self.act_layer()
+
+
+BN_RELU = Layers()
 
 
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -35,7 +64,15 @@ class PadShortcut(nn.Module):
 class Projection(nn.Module):
     """A projection shortcut: optional pool, 1x1 conv (stride when there is no pool), optional BN."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, pool: str = "", norm: bool = True):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        stride: int,
+        pool: str = "",
+        norm: bool = True,
+        layers: Layers = BN_RELU,
+    ):
         super().__init__()
         if pool == "avg" and stride > 1:
             # ResNet-D / Res2Net-v1b: average the 2x2 window so no activation is skipped.
@@ -47,7 +84,7 @@ class Projection(nn.Module):
             self.pool = None
         conv_stride = stride if self.pool is None and pool == "" else 1
         self.conv = conv1x1(in_ch, out_ch, conv_stride) if in_ch != out_ch or self.pool is None else None
-        self.bn = nn.BatchNorm2d(out_ch) if norm and self.conv is not None else None
+        self.bn = layers.norm(out_ch) if norm and self.conv is not None else None
 
     def fold_pairs(self) -> list[tuple[str, str]]:
         """(conv, BN) attribute pairs where the BN reads exactly the conv's output: `deploy` folds them."""
@@ -63,12 +100,14 @@ class Projection(nn.Module):
         return x
 
 
-def make_shortcut(kind: str, in_ch: int, out_ch: int, stride: int, norm: bool = True) -> nn.Module | None:
+def make_shortcut(
+    kind: str, in_ch: int, out_ch: int, stride: int, norm: bool = True, layers: Layers = BN_RELU
+) -> nn.Module | None:
     """The shortcut of a block. None means no shortcut at all (plain nets).
 
     kind: "A" zero-pad, "B" projection where the shape changes, "C" projection everywhere,
     "avgdown" avg-pool + 1x1 + BN, "maxpool" iResNet's max-pool + 1x1 + BN, "none" plain.
-    `norm=False` drops the BN after the projection (pre-activation nets).
+    `norm=False` drops the BN after the projection (pre-activation nets); `layers.norm` builds it.
     """
     if kind == "none":
         return None
@@ -78,22 +117,22 @@ def make_shortcut(kind: str, in_ch: int, out_ch: int, stride: int, norm: bool = 
     if kind == "A":
         return PadShortcut(in_ch, out_ch, stride)
     if kind in ("B", "C"):
-        return Projection(in_ch, out_ch, stride, norm=norm)
+        return Projection(in_ch, out_ch, stride, norm=norm, layers=layers)
     if kind == "avgdown":
-        return Projection(in_ch, out_ch, stride, pool="avg", norm=norm)
+        return Projection(in_ch, out_ch, stride, pool="avg", norm=norm, layers=layers)
     if kind == "maxpool":
-        return Projection(in_ch, out_ch, stride, pool="max", norm=norm)
+        return Projection(in_ch, out_ch, stride, pool="max", norm=norm, layers=layers)
     raise ValueError(f"unknown shortcut kind {kind!r} (expected A, B, C, avgdown, maxpool or none)")
 
 
 class SqueezeExcite(nn.Module):
     """Squeeze-and-excitation (Hu et al. 2018): global pool, 1x1 reduce, ReLU, 1x1 expand, sigmoid gate."""
 
-    def __init__(self, ch: int, ratio: float):
+    def __init__(self, ch: int, ratio: float, act: nn.Module | None = None):
         super().__init__()
         hidden = max(1, int(round(ch * ratio)))
         self.fc1 = nn.Conv2d(ch, hidden, 1)
-        self.act = nn.ReLU(inplace=True)
+        self.act = nn.ReLU(inplace=True) if act is None else act
         self.fc2 = nn.Conv2d(hidden, ch, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

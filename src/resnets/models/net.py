@@ -6,6 +6,7 @@ classes (in the family modules) follow the contract of `Block`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import DropPath, SqueezeExcite, conv3x3, make_shortcut
+from .layers import BN_RELU, DropPath, Layers, SqueezeExcite, conv3x3, make_shortcut
 
 BLOCKS: dict[str, type[Block]] = {}
 
@@ -146,8 +147,9 @@ class Pos:
 class Block(nn.Module):
     """The contract every block follows.
 
-    - It is built as `Block(in_ch, out_ch, stride, pos, spec)` and maps `in_ch` channels to
-      `out_ch` at `1/stride` of the resolution.
+    - It is built as `Block(in_ch, out_ch, stride, pos, spec, layers)` and maps `in_ch` channels
+      to `out_ch` at `1/stride` of the resolution, building every norm and activation with
+      `layers` (`layers.Layers`: BN and ReLU unless the caller chose others).
     - Class attributes say what it is: `preact` (the stem and head leave normalisation to the
       blocks), `uses` (the NetSpec fields beyond `COMMON_FIELDS` it reads; `NetSpec` refuses any
       other field set away from its default) and `shortcuts` (the shortcut kinds it supports).
@@ -204,17 +206,18 @@ class Block(nn.Module):
         stride: int,
         pos: Pos,
         spec: NetSpec,
+        layers: Layers = BN_RELU,
         *,
         norm: bool = True,
         act_after_add: bool = True,
         kind: str | None = None,
     ) -> None:
-        """SE (where the block uses `se_ratio`), ReLU, shortcut (`kind`, default the spec's) and drop-path."""
+        """SE (where the block uses `se_ratio`), activation, shortcut (`kind`, default the spec's), drop-path."""
         ratio = spec.se_ratio if "se_ratio" in self.uses else 0.0
-        self.se = SqueezeExcite(out_ch, ratio) if ratio else None
-        self.act = nn.ReLU(inplace=True)
+        self.se = SqueezeExcite(out_ch, ratio, layers.act()) if ratio else None
+        self.act = layers.act()
         self.shortcut = make_shortcut(
-            spec.shortcut if kind is None else kind, in_ch, out_ch, stride, norm=norm
+            spec.shortcut if kind is None else kind, in_ch, out_ch, stride, norm=norm, layers=layers
         )
         self.drop_path = DropPath(pos.drop_path_rate(spec.drop_path))
         self.act_after_add = act_after_add
@@ -244,17 +247,16 @@ class Block(nn.Module):
 
 
 class Stem(nn.Module):
-    def __init__(self, spec: NetSpec, norm: bool = True):
+    def __init__(self, spec: NetSpec, norm: bool = True, layers: Layers = BN_RELU):
         super().__init__()
         w, c = spec.stem_width, spec.in_chans
         self.out_channels = w
         self.pool = None
         if spec.stem == "deep":
             # Res2Net-v1b / ResNet-D: three 3x3 convs instead of the 7x7 (w/2, w/2, w).
-            self.conv1, self.bn1 = conv3x3(c, w // 2, 2), nn.BatchNorm2d(w // 2)
-            self.conv2, self.bn2 = conv3x3(w // 2, w // 2), nn.BatchNorm2d(w // 2)
+            self.conv1, self.bn1 = conv3x3(c, w // 2, 2), layers.norm(w // 2)
+            self.conv2, self.bn2 = conv3x3(w // 2, w // 2), layers.norm(w // 2)
             self.conv3 = conv3x3(w // 2, w)
-            self.act = nn.ReLU(inplace=True)
         elif spec.stem in ("imagenet", "iresnet"):
             self.conv = nn.Conv2d(c, w, 7, stride=2, padding=3, bias=False)
         elif spec.stem == "cifar":
@@ -262,8 +264,8 @@ class Stem(nn.Module):
         else:
             raise ValueError(f"unknown stem {spec.stem!r} (expected imagenet, cifar, deep or iresnet)")
         # A pre-activation net's first block normalises the stem output itself (norm=False).
-        self.bn = nn.BatchNorm2d(w) if norm else None
-        self.act = nn.ReLU(inplace=True)
+        self.bn = layers.norm(w) if norm else None
+        self.act = layers.act()
         if spec.stem in ("imagenet", "deep"):
             self.pool = nn.MaxPool2d(3, stride=2, padding=1)
         self.stride = (4 if self.pool is not None else 2) if spec.stem != "cifar" else 1
@@ -294,12 +296,18 @@ class Head(nn.Module):
     """[BN] [ReLU] (pre-activation nets), global pooling, fully connected."""
 
     def __init__(
-        self, in_ch: int, num_classes: int, norm: bool = False, act: bool = False, global_pool: str = "avg"
+        self,
+        in_ch: int,
+        num_classes: int,
+        norm: bool = False,
+        act: bool = False,
+        global_pool: str = "avg",
+        layers: Layers = BN_RELU,
     ):
         super().__init__()
         self.in_features = in_ch
-        self.norm = nn.BatchNorm2d(in_ch) if norm else None
-        self.act = nn.ReLU(inplace=True) if act else None
+        self.norm = layers.norm(in_ch) if norm else None
+        self.act = layers.act() if act else None
         self.global_pool = global_pool
         self.fc = nn.Linear(in_ch, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -322,15 +330,28 @@ class Head(nn.Module):
 
 
 class ResNet(nn.Module):
-    """Stem -> stages -> head, built from a NetSpec. Every family of the package is this class."""
+    """Stem -> stages -> head, built from a NetSpec. Every family of the package is this class.
 
-    def __init__(self, spec: NetSpec, name: str | None = None):
+    `norm_layer` (a class or callable taking the channel count) and `act_layer` (a class or
+    callable) replace BatchNorm2d and ReLU in every block (squeeze-excitation included), the
+    stem, the head and the shortcuts. They are not part of the spec: a saved model records
+    neither, and rebuilding it gives BN and ReLU.
+    """
+
+    def __init__(
+        self,
+        spec: NetSpec,
+        name: str | None = None,
+        norm_layer: Callable[[int], nn.Module] | None = None,
+        act_layer: Callable[..., nn.Module] | None = None,
+    ):
         super().__init__()
         self.spec = spec
         self.name = name
+        layers = Layers(norm_layer or nn.BatchNorm2d, act_layer or nn.ReLU)
         block_cls = BLOCKS[spec.block].variant(spec)
         stem_norm, head_norm, head_act = block_cls.ends(spec)
-        self.stem = Stem(spec, stem_norm)
+        self.stem = Stem(spec, stem_norm, layers)
         in_ch = self.stem.out_channels
         total = sum(spec.depths)
         stages, block_id, reduction, dilation = [], 0, self.stem.stride, 1
@@ -344,14 +365,14 @@ class ResNet(nn.Module):
             blocks = []
             for i in range(depth):
                 pos = Pos(s, i, depth, block_id, total, prev_dilation if i == 0 else dilation)
-                blocks.append(block_cls(in_ch, width, stride if i == 0 else 1, pos, spec))
+                blocks.append(block_cls(in_ch, width, stride if i == 0 else 1, pos, spec, layers))
                 in_ch, block_id = width, block_id + 1
             reduction *= stride
             stages.append(nn.Sequential(*blocks))
             self.feature_info.append({"num_chs": width, "reduction": reduction, "module": f"stages.{s}"})
         self.stages = nn.ModuleList(stages)
         self.num_features = in_ch
-        self.head = Head(in_ch, spec.num_classes, head_norm, head_act, spec.global_pool)
+        self.head = Head(in_ch, spec.num_classes, head_norm, head_act, spec.global_pool, layers)
         self.grad_checkpointing = False
         self.pretrained_cfg = self._data_config()
         self.default_cfg = self.pretrained_cfg  # timm's older name for the same dict

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import Projection, conv1x1, conv3x3
+from .layers import BN_RELU, Layers, Projection, conv1x1, conv3x3
 from .net import Block, NetSpec, Pos, register_block
 from .resnet import IMAGENET_WIDTHS_BASIC, IMAGENET_WIDTHS_BOTTLENECK, BasicBlock, bottleneck_width
 from .zoo import Family, Paper, register
@@ -25,9 +25,11 @@ class _PreAct(Block):
 
     preact = True
 
-    def _init_shortcut(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec) -> None:
+    def _init_shortcut(
+        self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec, layers: Layers
+    ) -> None:
         # v2 projections are a bare 1x1 conv: a BN there would sit on the clean identity path.
-        self._init_tail(in_ch, out_ch, stride, pos, spec, norm=False, act_after_add=False)
+        self._init_tail(in_ch, out_ch, stride, pos, spec, layers, norm=False, act_after_add=False)
         self.project = isinstance(self.shortcut, Projection)
 
     def branch(self, pre: torch.Tensor) -> torch.Tensor:
@@ -35,7 +37,7 @@ class _PreAct(Block):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # In place, as timm's BN-act: the BN output is fresh, and ReLU's backward needs only its result.
-        pre = torch.relu_(self.bn1(x))
+        pre = self.act(self.bn1(x))
         return self.residual(self.branch(pre), pre if self.project else x)
 
 
@@ -45,14 +47,16 @@ class PreActBasicBlock(_PreAct):
 
     uses = frozenset({"dropout"})
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
+    def __init__(
+        self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec, layers: Layers = BN_RELU
+    ):
         super().__init__()
         d = pos.dilation
-        self.bn1, self.conv1 = nn.BatchNorm2d(in_ch), conv3x3(in_ch, out_ch, stride, dilation=d)
-        self.bn2, self.conv2 = nn.BatchNorm2d(out_ch), conv3x3(out_ch, out_ch, dilation=d)
+        self.bn1, self.conv1 = layers.norm(in_ch), conv3x3(in_ch, out_ch, stride, dilation=d)
+        self.bn2, self.conv2 = layers.norm(out_ch), conv3x3(out_ch, out_ch, dilation=d)
         # Wide ResNet: dropout between the two convs (p = 0.3 on CIFAR).
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout else None
-        self._init_shortcut(in_ch, out_ch, stride, pos, spec)
+        self._init_shortcut(in_ch, out_ch, stride, pos, spec, layers)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.conv2.weight)
@@ -74,13 +78,15 @@ class PreActBottleneck(_PreAct):
 
     uses = frozenset({"groups", "base_width"})
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
+    def __init__(
+        self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec, layers: Layers = BN_RELU
+    ):
         super().__init__()
         width = bottleneck_width(out_ch, spec)
-        self.bn1, self.conv1 = nn.BatchNorm2d(in_ch), conv1x1(in_ch, width)
-        self.bn2, self.conv2 = nn.BatchNorm2d(width), conv3x3(width, width, stride, spec.groups, pos.dilation)
-        self.bn3, self.conv3 = nn.BatchNorm2d(width), conv1x1(width, out_ch)
-        self._init_shortcut(in_ch, out_ch, stride, pos, spec)
+        self.bn1, self.conv1 = layers.norm(in_ch), conv1x1(in_ch, width)
+        self.bn2, self.conv2 = layers.norm(width), conv3x3(width, width, stride, spec.groups, pos.dilation)
+        self.bn3, self.conv3 = layers.norm(width), conv1x1(width, out_ch)
+        self._init_shortcut(in_ch, out_ch, stride, pos, spec, layers)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.conv3.weight)
@@ -104,16 +110,20 @@ class UnitBasicBlock(Block):
       block input, not its ReLU).
     """
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
+    def __init__(
+        self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec, layers: Layers = BN_RELU
+    ):
         super().__init__()
         d = pos.dilation
-        self.conv1, self.bn1 = conv3x3(in_ch, out_ch, stride, dilation=d), nn.BatchNorm2d(out_ch)
-        self.conv2, self.bn2 = conv3x3(out_ch, out_ch, dilation=d), nn.BatchNorm2d(out_ch)
-        self._init_tail(in_ch, out_ch, stride, pos, spec, act_after_add=False)
+        self.conv1, self.bn1 = conv3x3(in_ch, out_ch, stride, dilation=d), layers.norm(out_ch)
+        self.conv2, self.bn2 = conv3x3(out_ch, out_ch, dilation=d), layers.norm(out_ch)
+        self._init_tail(in_ch, out_ch, stride, pos, spec, layers, act_after_add=False)
         self.bn_after_add = spec.unit == "bn_after_add"
         self.relu_before_add = spec.unit == "relu_before_add"
         self.relu_first = spec.unit == "relu_only_preact"
         self.add_in_place = not self.relu_before_add
+        # The block input is also the shortcut's: its ReLU must not act in place.
+        self.act_in = layers.act(inplace=False) if self.relu_first else None
 
     @classmethod
     def ends(cls, spec: NetSpec) -> tuple[bool, bool, bool]:
@@ -130,7 +140,7 @@ class UnitBasicBlock(Block):
         return [("conv1", "bn1")] + ([] if self.bn_after_add else [("conv2", "bn2")])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv1(torch.relu(x) if self.relu_first else x)
+        out = self.conv1(self.act_in(x) if self.act_in is not None else x)
         out = self.conv2(self.act(self.bn1(out)))
         if not self.bn_after_add:
             out = self.bn2(out)

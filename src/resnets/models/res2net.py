@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from .layers import conv1x1, conv3x3
+from .layers import BN_RELU, Layers, conv1x1, conv3x3
 from .net import Block, NetSpec, Pos, register_block
 from .resnet import IMAGENET_WIDTHS_BOTTLENECK
 from .zoo import Family, Paper, register
@@ -33,7 +33,9 @@ class Res2NetBottleneck(Block):
 
     uses = frozenset({"groups", "base_width", "scale", "se_ratio"})
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
+    def __init__(
+        self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec, layers: Layers = BN_RELU
+    ):
         super().__init__()
         self.width = int(math.floor(out_ch // 4 * spec.base_width / 64)) * spec.groups
         self.scale = spec.scale
@@ -41,15 +43,15 @@ class Res2NetBottleneck(Block):
         n = max(1, spec.scale - 1)
         self.conv1, self.bn1 = (
             conv1x1(in_ch, self.width * spec.scale),
-            nn.BatchNorm2d(self.width * spec.scale),
+            layers.norm(self.width * spec.scale),
         )
         self.convs = nn.ModuleList(
             conv3x3(self.width, self.width, stride, spec.groups, pos.dilation) for _ in range(n)
         )
-        self.bns = nn.ModuleList(nn.BatchNorm2d(self.width) for _ in range(n))
+        self.bns = nn.ModuleList(layers.norm(self.width) for _ in range(n))
         self.pool = nn.AvgPool2d(3, stride, padding=1) if self.is_first and spec.scale > 1 else None
-        self.conv3, self.bn3 = conv1x1(self.width * spec.scale, out_ch), nn.BatchNorm2d(out_ch)
-        self._init_tail(in_ch, out_ch, stride, pos, spec)
+        self.conv3, self.bn3 = conv1x1(self.width * spec.scale, out_ch), layers.norm(out_ch)
+        self._init_tail(in_ch, out_ch, stride, pos, spec, layers)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .layers import conv1x1, conv3x3
+from .layers import BN_RELU, Layers, conv1x1, conv3x3
 from .net import Block, NetSpec, Pos, register_block
 from .zoo import Family, Paper, register
 
@@ -39,12 +39,14 @@ class BasicBlock(Block):
         if spec.shortcut == "none":
             raise ValueError(f"unit {spec.unit!r} is a residual unit; shortcut='none' has no unit to vary")
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
+    def __init__(
+        self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec, layers: Layers = BN_RELU
+    ):
         super().__init__()
         d = pos.dilation
-        self.conv1, self.bn1 = conv3x3(in_ch, out_ch, stride, dilation=d), nn.BatchNorm2d(out_ch)
-        self.conv2, self.bn2 = conv3x3(out_ch, out_ch, dilation=d), nn.BatchNorm2d(out_ch)
-        self._init_tail(in_ch, out_ch, stride, pos, spec)
+        self.conv1, self.bn1 = conv3x3(in_ch, out_ch, stride, dilation=d), layers.norm(out_ch)
+        self.conv2, self.bn2 = conv3x3(out_ch, out_ch, dilation=d), layers.norm(out_ch)
+        self._init_tail(in_ch, out_ch, stride, pos, spec, layers)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn2.weight)
@@ -72,15 +74,17 @@ class Bottleneck(Block):
     variant_field = "resnext_form"
     variants: ClassVar[dict[str, type[Block]]] = {}
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
+    def __init__(
+        self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec, layers: Layers = BN_RELU
+    ):
         super().__init__()
         width = bottleneck_width(out_ch, spec)
         # The original ResNet-50/101/152 stride in the first 1x1; torchvision and later papers in the 3x3.
         s1, s3 = (stride, 1) if spec.stride_in_1x1 else (1, stride)
-        self.conv1, self.bn1 = conv1x1(in_ch, width, s1), nn.BatchNorm2d(width)
-        self.conv2, self.bn2 = conv3x3(width, width, s3, spec.groups, pos.dilation), nn.BatchNorm2d(width)
-        self.conv3, self.bn3 = conv1x1(width, out_ch), nn.BatchNorm2d(out_ch)
-        self._init_tail(in_ch, out_ch, stride, pos, spec)
+        self.conv1, self.bn1 = conv1x1(in_ch, width, s1), layers.norm(width)
+        self.conv2, self.bn2 = conv3x3(width, width, s3, spec.groups, pos.dilation), layers.norm(width)
+        self.conv3, self.bn3 = conv1x1(width, out_ch), layers.norm(out_ch)
+        self._init_tail(in_ch, out_ch, stride, pos, spec, layers)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)

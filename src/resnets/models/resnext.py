@@ -17,7 +17,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from .layers import conv1x1, conv3x3
+from .layers import BN_RELU, Layers, conv1x1, conv3x3
 from .net import Block, NetSpec, Pos
 from .resnet import IMAGENET_WIDTHS_BOTTLENECK, Bottleneck, bottleneck_width
 from .zoo import Family, Paper, register
@@ -34,12 +34,21 @@ RESNEXT = FAMILY.cite
 class _Path(nn.Module):
     """One path of forms a and b: 1x1, BN, ReLU, 3x3 (stride), BN, ReLU, [1x1 (form a)]."""
 
-    def __init__(self, in_ch: int, d: int, out_ch: int, strides: tuple[int, int], dilation: int, last: bool):
+    def __init__(
+        self,
+        in_ch: int,
+        d: int,
+        out_ch: int,
+        strides: tuple[int, int],
+        dilation: int,
+        last: bool,
+        layers: Layers,
+    ):
         super().__init__()
-        self.conv1, self.bn1 = conv1x1(in_ch, d, strides[0]), nn.BatchNorm2d(d)
-        self.conv2, self.bn2 = conv3x3(d, d, strides[1], dilation=dilation), nn.BatchNorm2d(d)
+        self.conv1, self.bn1 = conv1x1(in_ch, d, strides[0]), layers.norm(d)
+        self.conv2, self.bn2 = conv3x3(d, d, strides[1], dilation=dilation), layers.norm(d)
         self.conv3 = conv1x1(d, out_ch) if last else None
-        self.act = nn.ReLU(inplace=True)
+        self.act = layers.act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act(self.bn2(self.conv2(self.act(self.bn1(self.conv1(x))))))
@@ -53,17 +62,19 @@ class ResNeXtPaths(Block):
 
     uses = Bottleneck.uses
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec):
+    def __init__(
+        self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec, layers: Layers = BN_RELU
+    ):
         super().__init__()
         d = bottleneck_width(out_ch, spec) // spec.groups
         strides = (stride, 1) if spec.stride_in_1x1 else (1, stride)
         self.form_a = spec.resnext_form == "a"
         self.paths = nn.ModuleList(
-            _Path(in_ch, d, out_ch, strides, pos.dilation, self.form_a) for _ in range(spec.groups)
+            _Path(in_ch, d, out_ch, strides, pos.dilation, self.form_a, layers) for _ in range(spec.groups)
         )
         self.conv3 = None if self.form_a else conv1x1(d * spec.groups, out_ch)
-        self.bn3 = nn.BatchNorm2d(out_ch)
-        self._init_tail(in_ch, out_ch, stride, pos, spec)
+        self.bn3 = layers.norm(out_ch)
+        self._init_tail(in_ch, out_ch, stride, pos, spec, layers)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)

@@ -32,7 +32,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def small_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
     )
 
 
@@ -87,14 +92,18 @@ def test_a_non_finite_step_leaves_weights_momentum_and_ema_untouched():
         assert torch.equal(v, weights[k]), k
     for p, m in zip(model.parameters(), momentum):
         assert torch.equal(opt.state[p]["momentum_buffer"], m) and p.grad is None
-    assert ema.updates == 1 and all(torch.equal(v, ema_weights[k]) for k, v in ema.module.state_dict().items())
+    assert ema.updates == 1 and all(
+        torch.equal(v, ema_weights[k]) for k, v in ema.module.state_dict().items()
+    )
 
 
 def test_a_step_under_bf16_autocast_computes_in_bf16_and_updates_fp32_weights():
     model = small_net()
     seen = []
     model[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), amp="bf16", memory_format=torch.channels_last)
+    step = TrainStep(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), amp="bf16", memory_format=torch.channels_last
+    )
     assert step([batch()], lr=0.1).finite
     assert seen == [torch.bfloat16] and all(p.dtype == torch.float32 for p in model.parameters())
 
@@ -118,7 +127,9 @@ def test_the_criterion_is_what_the_step_minimises():
 
 def test_totals_sum_by_name():
     t = Totals(torch.device("cpu"))
-    t.add_batch(torch.tensor(2.0), torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), torch.tensor([0, 0, 0]))
+    t.add_batch(
+        torch.tensor(2.0), torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), torch.tensor([0, 0, 0])
+    )
     t.count_skipped()
     assert t.read() == {"loss_sum": 6.0, "correct": 2.0, "seen": 3.0, "skipped": 1.0}
     u = Totals(torch.device("cpu"), [1.0, 1.0, 1.0, 0.0])
@@ -181,7 +192,9 @@ def test_auto_speed_follows_the_hardware_and_the_run_length(monkeypatch):
     assert long.threads == torch.get_num_threads()
     assert "amp bf16 (CPU has AMX)" in long.line() and f"{COMPILE_MIN_STEPS} steps >= " in long.line()
     short = runtime.choose_speed(from_dict({}), cpu, COMPILE_MIN_STEPS - 1)
-    assert not short.compile and short.why["compile"] == f"{COMPILE_MIN_STEPS - 1} steps < {COMPILE_MIN_STEPS}"
+    assert (
+        not short.compile and short.why["compile"] == f"{COMPILE_MIN_STEPS - 1} steps < {COMPILE_MIN_STEPS}"
+    )
     det = runtime.choose_speed(from_dict({"deterministic": True}), cpu, 10**6)
     assert not det.compile and det.why["compile"] == "deterministic run"
     monkeypatch.setattr(runtime, "native_bf16", lambda d: (False, "CPU has no native bf16"))
@@ -239,7 +252,18 @@ def test_an_unset_warm_up_scales_with_the_run():
 
 def test_one_epoch_of_the_default_recipe_runs_and_records_its_choices(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["train", "--epochs", "1", "--train-subset", "128", "--test-subset", "32", "--out", str(out), "--quiet"]
+    argv = [
+        "train",
+        "--epochs",
+        "1",
+        "--train-subset",
+        "128",
+        "--test-subset",
+        "32",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     speed_line = next(line for line in printed.splitlines() if line.startswith("speed: "))
@@ -323,3 +347,148 @@ def test_a_resumed_run_keeps_one_tensorboard_curve(tmp_path):
     assert [e.step for e in acc.Scalars("epoch/test_top1")] == [3, 6, 9]
     # Step 5, logged by both lives, appears once: the second one's.
     assert [e.step for e in acc.Scalars("step/train_loss")] == list(range(1, 10))
+
+
+# --- the run folder: checked before the first write, locked while a run uses it -----------------
+
+
+def _snapshot(folder):
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+TINY_ARGS = ["--train-subset", "64", "--test-subset", "16", "--epochs", "1", "--quiet"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--seed", str(2**40)], "seed must be in [0, 2**32 - 1]"),
+        (["--lr", "1e308"], "lr must be a positive number of at most 1000"),
+        (["--batch-size", "100000"], "batch_size 100000 is larger than the 64 training images"),
+        (["--amp", "fp16", "--device", "cpu"], "amp fp16 needs a CUDA device"),
+    ],
+)
+def test_a_refused_run_changes_nothing_on_disk(tmp_path, capsys, extra, message):
+    done = tmp_path / "done"
+    assert main(["train", *TINY_ARGS, "--out", str(done)]) == 0
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    # The same folder again, and a new one: both refused, neither touched nor created.
+    for out in (done, tmp_path / "new"):
+        assert (
+            main(["train", *TINY_ARGS, *extra, "--out", str(out), "--resume" if out == done else "--quiet"])
+            == 2
+        )
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ")
+    assert message in err
+    assert _snapshot(tmp_path) == before
+
+
+def test_out_that_is_a_file_or_read_only_is_refused_before_anything_is_written(tmp_path, capsys):
+    f = tmp_path / "a_file"
+    f.write_text("keep me")
+    assert main(["train", *TINY_ARGS, "--out", str(f)]) == 2
+    assert capsys.readouterr().err == f"error: --out {f} is a file, not a folder\n"
+    assert main(["train", *TINY_ARGS, "--out", str(f / "run")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and f.read_text() == "keep me"
+
+
+def test_out_on_a_read_only_filesystem_is_refused(tmp_path, capsys):
+    import subprocess
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True
+    ).returncode:
+        pytest.skip("this machine does not let the tests mount a read-only tmpfs")
+    try:
+        assert main(["train", *TINY_ARGS, "--out", str(ro / "run")]) == 2
+        assert (
+            capsys.readouterr().err
+            == f"error: --out {ro / 'run'}: cannot write in {ro} (read-only filesystem)\n"
+        )
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_and_a_killed_run_frees_it(tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from resnets.train import FolderLock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with FolderLock(out):  # another run holds the folder
+        assert main(["train", *TINY_ARGS, "--out", str(out)]) == 2
+        assert "is in use by another resnets train run" in capsys.readouterr().err
+    assert list(out.iterdir()) == []  # the refused run wrote nothing
+    # A process that holds the lock and is killed (no cleanup at all) leaves the folder free.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from resnets.train import FolderLock; import time\n"
+            f"with FolderLock(__import__('pathlib').Path({str(out)!r})):\n print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(ConfigError, match="in use"), FolderLock(out):
+        pass
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    time.sleep(0.1)
+    assert main(["train", *TINY_ARGS, "--out", str(out)]) == 0
+    assert (out / "summary.json").exists()
+
+
+def test_a_signal_during_the_final_writes_lets_them_finish(tmp_path, capsys):
+    import os
+    import signal
+
+    out = tmp_path / "run"
+
+    def last_epoch(row):
+        if row["epoch"] == 2:  # the checkpoint of the last epoch is on disk; the final files follow
+            os.kill(os.getpid(), signal.SIGINT)
+
+    summary = train(_tiny(out), callback=last_epoch)
+    assert summary["epochs"] == 2
+    for name in ("model.safetensors", "summary.json", "curves.png", "metrics.csv", "last.ckpt"):
+        assert (out / name).exists(), name
+    assert (
+        "SIGINT arrived during the final writes; they are done and the run is complete"
+        in capsys.readouterr().err
+    )
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_recipe_paths_that_are_not_recipes_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes('model = "r\xe9sum\xe9"\n'.encode("latin-1"))
+    for path, message in (
+        (tmp_path, "is a folder, not a TOML file"),
+        (bad, "is not valid TOML: it is not UTF-8 text"),
+    ):
+        assert main(["train", "--config", str(path), "--out", str(tmp_path / "never")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_model_option_the_network_does_not_use_is_one_line(tmp_path, capsys):
+    assert main(["train", *TINY_ARGS, "--dropout", "0.3", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not use dropout=0.3" in err
+    assert not (tmp_path / "r").exists()

@@ -51,6 +51,10 @@ RUNTIME_FIELDS = (
     "log_every",
 )
 NONFINITE = ("stop", "skip")
+# Bounds beyond which a value is a typo, not a recipe: a learning rate over 1000 diverges in the
+# first step, and seeds beyond 32 bits overflow the per-epoch generator seeds derived from them.
+MAX_LR = 1000.0
+MAX_SEED = 2**32 - 1
 
 
 def _f(default, help: str):
@@ -157,8 +161,10 @@ class TrainConfig:
         for name in ("momentum", "label_smoothing", "ema_decay", "dropout", "drop_path"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if not (0 < self.lr <= MAX_LR):
+            raise ConfigError(f"lr must be a positive number of at most {MAX_LR:g}, got {self.lr}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be in [0, 2**32 - 1], got {self.seed}")
         if self.gamma <= 0:
             raise ConfigError(f"gamma must be positive, got {self.gamma}")
         for name, allowed in (
@@ -285,6 +291,12 @@ def read_toml(path: str | Path) -> dict:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"recipe {path} does not exist (see configs/ for the shipped ones)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"recipe {path} is a folder, not a TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not valid TOML: it is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
 

@@ -31,7 +31,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import atomic_write, load_checkpoint, load_state, save_checkpoint, save_model_file
+from .checkpoint import (
+    atomic_write,
+    load_checkpoint,
+    load_state,
+    save_checkpoint,
+    save_model_file,
+    validate_checkpoint,
+)
 from .config import RUNTIME_FIELDS, TrainConfig, from_dict
 from .data import Augment, load_data
 from .errors import CheckpointError, ConfigError, RunStopped, TrainingError
@@ -178,7 +185,59 @@ def resolve_out(cfg: TrainConfig) -> Path:
             out = base.with_name(f"{base.name}-{n}")
     if cfg.resume and not (out / "last.ckpt").exists():
         raise ConfigError(f"nothing to resume: {out / 'last.ckpt'} does not exist")
+    check_writable(out)
     return out
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an out folder that cannot be one: a file, or a place where nothing can be
+    written (a read-only filesystem, no permission). Writes nothing."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    parent = out
+    while not parent.exists():  # the nearest folder that exists is where the first write happens
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        why = "read-only filesystem" if _read_only_fs(parent) else "no permission to write"
+        raise ConfigError(f"--out {out}: cannot write in {parent} ({why})")
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+class FolderLock:
+    """An exclusive lock on a run folder for the life of a run: a second `resnets train` on the
+    same folder is refused while the first runs. The kernel drops the lock when the process
+    ends however it ends, so a crashed run never leaves the folder locked (flock on the folder
+    itself: no lock file to clean up)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.fd = folder, None
+
+    def __enter__(self) -> FolderLock:
+        import fcntl
+
+        self.fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise ConfigError(
+                f"{self.folder} is in use by another resnets train run; wait for it to end or pass another --out"
+            ) from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None
 
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:
@@ -600,6 +659,7 @@ def _train(cfg, callback, criterion, on_step, rank: int, world: int, device: tor
     ckpt = None
     if cfg.resume:
         ckpt = load_checkpoint(out / "last.ckpt")
+        validate_checkpoint(ckpt, out / "last.ckpt")  # a foreign or hand-edited file: one line
         # The run goes on with the recipe it started with; only how-to-run fields may change.
         stored = {k: v for k, v in ckpt["config"].items() if k not in RUNTIME_FIELDS}
         cfg = from_dict({**asdict(cfg), **stored}, f"{out / 'last.ckpt'}")
@@ -656,7 +716,10 @@ def _train(cfg, callback, criterion, on_step, rank: int, world: int, device: tor
     # --- model, optimizer, state -----------------------------------------------------------------
     torch.manual_seed(cfg.seed)
     overrides = {k: getattr(cfg, k) for k in ("dropout", "drop_path", "zero_init_last") if getattr(cfg, k)}
-    model = create_model(cfg.model, num_classes=data.num_classes, in_chans=data.channels, **overrides)
+    try:
+        model = create_model(cfg.model, num_classes=data.num_classes, in_chans=data.channels, **overrides)
+    except (TypeError, ValueError) as exc:  # an override the network does not use, a bad value
+        raise ConfigError(str(exc).splitlines()[0]) from None
     model = model.to(device, memory_format=fmt)
     if cfg.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -698,8 +761,17 @@ def _train(cfg, callback, criterion, on_step, rank: int, world: int, device: tor
 
     # --- the first writes: everything above has been checked --------------------------------------
     log = None
+    lock = contextlib.ExitStack()
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+        if os.name == "posix":
+            lock.enter_context(FolderLock(out))
+        if not cfg.resume and (out / "last.ckpt").exists():  # another run got there first
+            lock.close()
+            raise ConfigError(f"{out} already holds a run; pass --resume to continue it or another --out")
         # The resolved recipe, without where this run lives: `--config` on it trains the same thing
         # again into a new folder.
         recipe = replace(cfg, out=None, resume=False).to_toml()
@@ -879,46 +951,58 @@ def _train(cfg, callback, criterion, on_step, rank: int, world: int, device: tor
                     callback(row)
                 if signals.signum and epoch + 1 < cfg.epochs:
                     raise stopped(signals.signum)
+
+            # --- final files, still under the stop handler: a signal now lets them finish ----------
+            rows = state.metrics
+            last, best = rows[-1], max(rows, key=lambda r: r["test_top1"])
+            summary = {
+                "model": cfg.model,
+                "data": cfg.data,
+                "epochs": cfg.epochs,
+                "test_top1": last["test_top1"],
+                "test_top5": last["test_top5"],
+                "test_loss": last["test_loss"],
+                "best_test_top1": best["test_top1"],
+                "best_epoch": best["epoch"],
+                "train_loss": last["train_loss"],
+                "train_top1": last["train_top1"],
+                "time_s": last["time_s"],
+                "train_images_per_s": round(
+                    len(rows) * steps_per_epoch * cfg.batch_size / state.train_time_s, 1
+                ),
+                "skipped_steps": sum(r.get("skipped_steps", 0) for r in rows),
+                "params": n_params,
+                "ema": ema is not None,
+                "tta": cfg.tta,
+                "speed": speed.as_dict(),
+                "first_step_s": round(first_step_s, 3) if first_step_s is not None else None,
+                "device": f"{world} x {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}",
+                "cpu": _cpu_name(),
+                "torch": torch.__version__,
+                "out": str(out),
+            }
+            if main:
+                save_model_file(out / "model.safetensors", eval_model, data_info)
+                _plot_curves(out / "curves.png", rows, f"{cfg.model} on {cfg.data}")
+                atomic_write(
+                    out / "summary.json", lambda f: f.write((json.dumps(summary, indent=1) + "\n").encode())
+                )
+                print(
+                    f"test top-1 {last['test_top1']:.4f} (best {best['test_top1']:.4f} at epoch {best['epoch']}), "
+                    f"{last['time_s']:.0f} s; wrote {out}",
+                    flush=True,
+                )
+            if signals.signum and main:
+                print(
+                    f"{signal.Signals(signals.signum).name} arrived during the final writes; they are done "
+                    "and the run is complete",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         if log is not None:
             log.close()
-
-    # --- final files -----------------------------------------------------------------------------
-    rows = state.metrics
-    last, best = rows[-1], max(rows, key=lambda r: r["test_top1"])
-    summary = {
-        "model": cfg.model,
-        "data": cfg.data,
-        "epochs": cfg.epochs,
-        "test_top1": last["test_top1"],
-        "test_top5": last["test_top5"],
-        "test_loss": last["test_loss"],
-        "best_test_top1": best["test_top1"],
-        "best_epoch": best["epoch"],
-        "train_loss": last["train_loss"],
-        "train_top1": last["train_top1"],
-        "time_s": last["time_s"],
-        "train_images_per_s": round(len(rows) * steps_per_epoch * cfg.batch_size / state.train_time_s, 1),
-        "skipped_steps": sum(r.get("skipped_steps", 0) for r in rows),
-        "params": n_params,
-        "ema": ema is not None,
-        "tta": cfg.tta,
-        "speed": speed.as_dict(),
-        "first_step_s": round(first_step_s, 3) if first_step_s is not None else None,
-        "device": f"{world} x {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}",
-        "cpu": _cpu_name(),
-        "torch": torch.__version__,
-        "out": str(out),
-    }
-    if main:
-        save_model_file(out / "model.safetensors", eval_model, data_info)
-        _plot_curves(out / "curves.png", rows, f"{cfg.model} on {cfg.data}")
-        atomic_write(out / "summary.json", lambda f: f.write((json.dumps(summary, indent=1) + "\n").encode()))
-        print(
-            f"test top-1 {last['test_top1']:.4f} (best {best['test_top1']:.4f} at epoch {best['epoch']}), "
-            f"{last['time_s']:.0f} s; wrote {out}",
-            flush=True,
-        )
+        lock.close()
     return summary
 
 

@@ -57,6 +57,18 @@ def check_input_size(size: int | None, flag: str = "--input-size") -> None:
         raise UserError(f"{flag} must be at most {MAX_INPUT_SIZE}, got {size}")
 
 
+def _not_writable(folder: str) -> str | None:
+    """Why `folder` cannot be written to, or None."""
+    import os
+
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return "is on a read-only file system"
+    except OSError:
+        pass
+    return None if os.access(folder, os.W_OK) else "is not writable"
+
+
 def check_output_file(path: str, flag: str) -> None:
     """A file the command will write: its folder must exist and be writable, and it must not be
     a folder itself. Checked before the work that produces it."""
@@ -67,8 +79,9 @@ def check_output_file(path: str, flag: str) -> None:
         raise UserError(f"{flag} {path} is a folder; name the file to write")
     if not os.path.isdir(folder):
         raise UserError(f"{flag} {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"{flag} {path}: the folder {folder} is not writable")
+    why = _not_writable(folder)
+    if why:
+        raise UserError(f"{flag} {path}: the folder {folder} {why}")
 
 
 def check_output_folder(path: str, flag: str) -> None:
@@ -83,8 +96,9 @@ def check_output_folder(path: str, flag: str) -> None:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise UserError(f"{flag} {path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK):
-        raise UserError(f"{flag} {path}: {existing} is not writable")
+    why = _not_writable(existing)
+    if why:
+        raise UserError(f"{flag} {path}: {existing} {why}")
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:

@@ -1,9 +1,10 @@
-"""Regenerate tests/golden/counts.json (exact params and MACs per model) and print what changed.
+"""Regenerate src/resnets/counts.json (exact params and MACs per model) and print what changed.
 
     python scripts/update_golden.py          # show the diff only
     python scripts/update_golden.py --write  # show it and write the file
 
-The golden file catches accidental changes to any architecture; change it only on purpose.
+The file catches accidental changes to any architecture (tests/test_registry.py compares it with
+live counts) and is what `resnets list` shows without counting; change it only on purpose.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from resnets import count_params_macs, get_entry, list_models
 
-GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "golden" / "counts.json"
+GOLDEN = Path(__file__).resolve().parent.parent / "src" / "resnets" / "counts.json"
 
 
 def current_counts() -> dict[str, dict[str, int]]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import resnets
 from resnets import NetSpec, count_params_macs, create_model, get_entry, list_models
 from resnets.registry import UnknownModelError
 
@@ -29,7 +30,8 @@ iresnet18 iresnet34 iresnet50 iresnet101 iresnet152 iresnet200 iresnet302 iresne
 
 # The deepest nets take seconds each to build and run; they run with `pytest -m slow`.
 DEEPEST = {"resnet1202", "preact_resnet1001", "iresnet302", "iresnet404", "iresnet1001"}
-GOLDEN = json.loads((Path(__file__).parent / "golden" / "counts.json").read_text())
+# The exact counts ship with the package (`resnets list` reads them instead of counting).
+GOLDEN = json.loads((Path(resnets.__file__).parent / "counts.json").read_text())
 
 
 @cache
@@ -112,7 +114,8 @@ def test_golden_counts_deepest(name):
 
 
 def test_golden_file_lists_every_model():
-    assert sorted(GOLDEN) == list_models()
+    assert sorted(GOLDEN) == sorted(list_models())
+    assert all(GOLDEN[n]["input_size"] == get_entry(n).input_size for n in GOLDEN)
 
 
 def test_macs_count_convs_as_the_arithmetic_gives():
@@ -158,7 +161,17 @@ def test_unknown_model_suggests_close_names():
 
 
 def test_list_models_pattern():
-    assert list_models("wrn40_*") == ["wrn40_1", "wrn40_10", "wrn40_2", "wrn40_4", "wrn40_8"]
+    assert list_models("wrn40_*") == ["wrn40_1", "wrn40_2", "wrn40_4", "wrn40_8", "wrn40_10"]  # natural order
+    assert list_models("resnet1*") == [
+        "resnet18",
+        "resnet101",
+        "resnet101_v1",
+        "resnet110",
+        "resnet152",
+        "resnet152_v1",
+        "resnet1202",
+    ]
+    assert list_models("resnet*").index("resnet18") < list_models("resnet*").index("resnet101")
     assert list_models("nothing*") == []
 
 

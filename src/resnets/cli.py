@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -124,12 +125,12 @@ def add_list_parser(sub) -> None:
 
 
 def model_rows(pattern: str) -> list[dict]:
-    from .complexity import count_params_macs
+    from .registry import model_counts
 
     rows = []
     for name in list_models(pattern):
         e = get_entry(name)
-        params, macs = count_params_macs(name)
+        params, macs = model_counts(name)  # shipped with the package: no counting
         rows.append(
             {
                 "name": name,
@@ -487,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader stopped early (`resnets list --json | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
+import json
+import re
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 from torch import nn
 
@@ -24,9 +28,33 @@ class UnknownModelError(KeyError):
         return str(self.args[0])
 
 
+def natural_key(name: str) -> list:
+    """Sort key that orders the numbers in a name by value: resnet18 < resnet50 < resnet101."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 def list_models(pattern: str = "*") -> list[str]:
-    """Registered model names matching an fnmatch pattern, sorted."""
-    return sorted(n for n in ENTRIES if fnmatch.fnmatchcase(n, pattern))
+    """Registered model names matching an fnmatch pattern, in natural order (resnet18 before resnet101)."""
+    return sorted((n for n in ENTRIES if fnmatch.fnmatchcase(n, pattern)), key=natural_key)
+
+
+@functools.cache
+def _shipped_counts() -> dict[str, dict[str, int]]:
+    return json.loads((Path(__file__).parent / "counts.json").read_text())
+
+
+def model_counts(name: str) -> tuple[int, int]:
+    """(parameters, multiply-adds at the paper's input size) of a registered model.
+
+    Read from the counts that ship with the package (tests/test_registry.py checks them against
+    live counts); counted on the meta device for a model the file does not list.
+    """
+    row = _shipped_counts().get(name)
+    if row is not None and row["input_size"] == get_entry(name).input_size:
+        return row["params"], row["macs"]
+    from .complexity import count_params_macs
+
+    return count_params_macs(name)
 
 
 def get_entry(name: str) -> Entry:

@@ -492,3 +492,27 @@ def test_a_model_option_the_network_does_not_use_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not use dropout=0.3" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_device_and_worker_values_are_checked_in_the_recipe():
+    for device in ("cuda:abc", "cuda:", "gpu", "cuda:1:2"):
+        with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N"):
+            from_dict({"device": device})
+    assert from_dict({"device": "cuda:1"}).device == "cuda:1"
+    with pytest.raises(ConfigError, match="workers must be at most 256"):
+        from_dict({"workers": 10**8})
+
+
+def test_a_checkpoint_of_another_network_is_one_line():
+    small = _state(1).state_dict()
+    torch.manual_seed(0)
+    other = nn.Sequential(nn.Linear(3, 4))
+    st = RunState(
+        other,
+        torch.optim.SGD(other.parameters(), lr=0.1),
+        torch.amp.GradScaler("cpu", enabled=False),
+        None,
+        torch.device("cpu"),
+    )
+    with pytest.raises(CheckpointError, match=r"^x.ckpt: its model state does not fit this run"):
+        st.load_state_dict(small, "x.ckpt")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import re
 import sys
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -55,6 +56,7 @@ NONFINITE = ("stop", "skip")
 # first step, and seeds beyond 32 bits overflow the per-epoch generator seeds derived from them.
 MAX_LR = 1000.0
 MAX_SEED = 2**32 - 1
+MAX_WORKERS = 256  # DataLoader processes
 
 
 def _f(default, help: str):
@@ -158,6 +160,8 @@ class TrainConfig:
         ):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.workers > MAX_WORKERS:
+            raise ConfigError(f"workers must be at most {MAX_WORKERS}, got {self.workers}")
         for name in ("momentum", "label_smoothing", "ema_decay", "dropout", "drop_path"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -176,7 +180,7 @@ class TrainConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.batch_size % self.accum_steps:
             raise ConfigError(

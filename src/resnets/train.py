@@ -15,6 +15,7 @@ import csv
 import functools
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -460,7 +461,11 @@ class RunState:
                 f"{source} lacks {', '.join(missing)}: not a checkpoint of this version of resnets train"
             )
         for key, _, restore in table:
-            restore(state[key])
+            try:
+                restore(state[key])
+            except (ValueError, KeyError, TypeError, RuntimeError) as exc:  # e.g. another model's optimizer
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise CheckpointError(f"{source}: its {key} state does not fit this run: {first}") from None
 
 
 class TrainStep:
@@ -742,6 +747,9 @@ def _train(cfg, callback, criterion, on_step, rank: int, world: int, device: tor
             model, device_ids=[device] if device.type == "cuda" else None
         )
     if speed.compile:
+        # On a machine with a CUDA toolkit but no GPU, inductor's import of cpp_extension logs a
+        # warning that says nothing about the run.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         net = torch.compile(net)
     if criterion is None:
         criterion = functools.partial(F.cross_entropy, label_smoothing=cfg.label_smoothing)

@@ -924,18 +924,7 @@ def _train(cfg, callback, criterion, on_step, rank: int, world: int, device: tor
                     amp=cfg.amp,
                     memory_format=fmt,
                 )
-                row = {
-                    "epoch": epoch + 1,
-                    "train_loss": round(v["loss_sum"] / v["seen"], 6),
-                    "train_top1": round(v["correct"] / v["seen"], 6),
-                    "test_loss": round(test["loss"], 6),
-                    "test_top1": round(test["top1"], 6),
-                    "test_top5": round(test["top5"], 6),
-                    "lr": round(lr, 8),
-                    "images_per_s": round(v["seen"] / epoch_train_s, 1),
-                    "skipped_steps": int(v["skipped"]),
-                    "time_s": round(time.perf_counter() - t_start, 2),
-                }
+                row = _epoch_row(epoch + 1, v, test, lr, epoch_train_s, time.perf_counter() - t_start)
                 state.metrics.append(row)
                 bar.set_postfix(
                     loss=f"{row['train_loss']:.3f}",
@@ -948,13 +937,7 @@ def _train(cfg, callback, criterion, on_step, rank: int, world: int, device: tor
                 if log is not None:
                     log.epoch(state.metrics, state.step)
                     if cfg.quiet:
-                        print(
-                            f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_top1']:.4f}"
-                            f"  test loss {row['test_loss']:.4f} top1 {row['test_top1']:.4f} top5 {row['test_top5']:.4f}"
-                            f"  lr {lr:.4g}  {row['images_per_s']:.0f} img/s  {row['time_s']:.1f} s"
-                            + (f"  {row['skipped_steps']} steps skipped" if v["skipped"] else ""),
-                            flush=True,
-                        )
+                        print(_epoch_line(row, cfg.epochs), flush=True)
                 if callback is not None:
                     callback(row)
                 if signals.signum and epoch + 1 < cfg.epochs:
@@ -963,32 +946,8 @@ def _train(cfg, callback, criterion, on_step, rank: int, world: int, device: tor
             # --- final files, still under the stop handler: a signal now lets them finish ----------
             rows = state.metrics
             last, best = rows[-1], max(rows, key=lambda r: r["test_top1"])
-            summary = {
-                "model": cfg.model,
-                "data": cfg.data,
-                "epochs": cfg.epochs,
-                "test_top1": last["test_top1"],
-                "test_top5": last["test_top5"],
-                "test_loss": last["test_loss"],
-                "best_test_top1": best["test_top1"],
-                "best_epoch": best["epoch"],
-                "train_loss": last["train_loss"],
-                "train_top1": last["train_top1"],
-                "time_s": last["time_s"],
-                "train_images_per_s": round(
-                    len(rows) * steps_per_epoch * cfg.batch_size / state.train_time_s, 1
-                ),
-                "skipped_steps": sum(r.get("skipped_steps", 0) for r in rows),
-                "params": n_params,
-                "ema": ema is not None,
-                "tta": cfg.tta,
-                "speed": speed.as_dict(),
-                "first_step_s": round(first_step_s, 3) if first_step_s is not None else None,
-                "device": f"{world} x {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}",
-                "cpu": _cpu_name(),
-                "torch": torch.__version__,
-                "out": str(out),
-            }
+            summary = _summary(cfg, state, steps_per_epoch, n_params, ema is not None, speed, first_step_s)
+            summary.update(device=f"{world} x {_device_name(device)}", out=str(out))
             if main:
                 save_model_file(out / "model.safetensors", eval_model, data_info)
                 _plot_curves(out / "curves.png", rows, f"{cfg.model} on {cfg.data}")
@@ -1012,6 +971,68 @@ def _train(cfg, callback, criterion, on_step, rank: int, world: int, device: tor
             log.close()
         lock.close()
     return summary
+
+
+def _epoch_row(epoch: int, v: dict, test: dict, lr: float, train_s: float, time_s: float) -> dict:
+    """One line of metrics.csv: the epoch's training totals `v`, its evaluation `test`."""
+    return {
+        "epoch": epoch,
+        "train_loss": round(v["loss_sum"] / v["seen"], 6),
+        "train_top1": round(v["correct"] / v["seen"], 6),
+        "test_loss": round(test["loss"], 6),
+        "test_top1": round(test["top1"], 6),
+        "test_top5": round(test["top5"], 6),
+        "lr": round(lr, 8),
+        "images_per_s": round(v["seen"] / train_s, 1),
+        "skipped_steps": int(v["skipped"]),
+        "time_s": round(time_s, 2),
+    }
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    """The epoch's line of a --quiet run."""
+    return (
+        f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_top1']:.4f}"
+        f"  test loss {row['test_loss']:.4f} top1 {row['test_top1']:.4f} top5 {row['test_top5']:.4f}"
+        f"  lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s  {row['time_s']:.1f} s"
+        + (f"  {row['skipped_steps']} steps skipped" if row["skipped_steps"] else "")
+    )
+
+
+def _summary(
+    cfg, state: RunState, steps_per_epoch: int, n_params: int, ema: bool, speed, first_step_s
+) -> dict:
+    """summary.json: the last and the best epoch, the run's speed and where it ran."""
+    rows = state.metrics
+    last, best = rows[-1], max(rows, key=lambda r: r["test_top1"])
+    return {
+        "model": cfg.model,
+        "data": cfg.data,
+        "epochs": cfg.epochs,
+        "test_top1": last["test_top1"],
+        "test_top5": last["test_top5"],
+        "test_loss": last["test_loss"],
+        "best_test_top1": best["test_top1"],
+        "best_epoch": best["epoch"],
+        "train_loss": last["train_loss"],
+        "train_top1": last["train_top1"],
+        "time_s": last["time_s"],
+        "train_images_per_s": round(len(rows) * steps_per_epoch * cfg.batch_size / state.train_time_s, 1),
+        "skipped_steps": sum(r.get("skipped_steps", 0) for r in rows),
+        "params": n_params,
+        "ema": ema,
+        "tta": cfg.tta,
+        "speed": speed.as_dict(),
+        "first_step_s": round(first_step_s, 3) if first_step_s is not None else None,
+        "device": None,
+        "cpu": _cpu_name(),
+        "torch": torch.__version__,
+        "out": None,
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _cpu_name() -> str:

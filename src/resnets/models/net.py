@@ -4,8 +4,8 @@ A family is data: a `NetSpec` names the block and the papers' hyper-parameters; 
 classes (in the family modules) follow the contract of `Block`.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch.fx copies the annotations of forward() into
+# the code it generates, and TorchScript cannot read them as strings.
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import ClassVar
@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .layers import BN_RELU, DropPath, Layers, SqueezeExcite, conv3x3, make_shortcut
 
-BLOCKS: dict[str, type[Block]] = {}
+BLOCKS: "dict[str, type[Block]]" = {}
 
 # NetSpec fields the skeleton or every block honours; a block lists any other field it reads in
 # `Block.uses`, and a spec that sets a field its block does not use is refused.
@@ -166,7 +166,7 @@ class Block(nn.Module):
     # A NetSpec field (in `uses`) whose values other than its default select another class; the
     # module that defines a variant adds it to the subclass's own `variants` dict.
     variant_field: ClassVar[str] = ""
-    variants: ClassVar[dict[str, type[Block]]] = {}
+    variants: "ClassVar[dict[str, type[Block]]]" = {}
 
     @classmethod
     def check(cls, spec: NetSpec) -> None:
@@ -189,7 +189,7 @@ class Block(nn.Module):
                 )
 
     @classmethod
-    def variant(cls, spec: NetSpec) -> type[Block]:
+    def variant(cls, spec: NetSpec) -> "type[Block]":
         """The class that builds this spec's blocks: this one, or the variant `variant_field` selects."""
         return cls.variants.get(getattr(spec, cls.variant_field), cls) if cls.variant_field else cls
 
@@ -397,6 +397,8 @@ class ResNet(nn.Module):
             for m in self.modules():
                 if hasattr(m, "zero_init_last") and callable(m.zero_init_last):
                     m.zero_init_last()
+
+    __jit_unused_properties__ = ["num_classes"]  # TorchScript compiles properties; this one reads the spec
 
     @property
     def num_classes(self) -> int:

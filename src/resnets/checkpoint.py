@@ -366,8 +366,12 @@ def spec_from_dict(d: object, source: str = "the stored spec") -> NetSpec:
     list_models()  # imports every family module, which registers the blocks a spec may name
     if not isinstance(d, dict):
         raise CheckpointError(f"{source} must be a dict of network settings, got {_kind(d)}")
+    # An annotation as written: a string under postponed evaluation, else the class's name or the
+    # generic alias's text ("tuple[int, ...]").
     types = {
-        f.name: f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        f.name: f.type
+        if isinstance(f.type, str)
+        else (f.type.__name__ if isinstance(f.type, type) else str(f.type))
         for f in fields(NetSpec)
     }
     unknown = sorted(map(repr, set(d) - set(types)))

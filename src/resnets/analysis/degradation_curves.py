@@ -132,8 +132,11 @@ def _same_run(run: Path, cfg) -> bool:
     stored = tomllib.loads((run / "config.toml").read_text())
     from ..config import RUNTIME_FIELDS
 
+    # A field left to the run to resolve (None, "auto") matches whatever the run resolved it to.
     differ = [
-        k for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS and _plain(stored.get(k)) != _plain(v)
+        k
+        for k, v in asdict(cfg).items()
+        if k not in RUNTIME_FIELDS and v not in (None, "auto") and _plain(stored.get(k)) != _plain(v)
     ]
     if differ:
         raise StudyError(

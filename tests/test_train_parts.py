@@ -188,10 +188,9 @@ def test_auto_speed_follows_the_hardware_and_the_run_length(monkeypatch):
     monkeypatch.setattr(runtime, "native_bf16", lambda d: (True, "CPU has AMX"))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     long = runtime.choose_speed(from_dict({}), cpu, COMPILE_MIN_STEPS)
-    # bf16 cost accuracy in the measured comparison: auto keeps fp32 and says bf16 is there.
-    assert (long.amp, long.channels_last, long.compile) == ("off", True, True)
+    assert (long.amp, long.channels_last, long.compile) == ("bf16", True, True)
     assert long.threads == torch.get_num_threads()
-    assert "amp off (CPU has AMX: --amp bf16 is faster)" in long.line()
+    assert "amp bf16 (CPU has AMX)" in long.line()
     assert f"{COMPILE_MIN_STEPS} steps >= " in long.line()
     short = runtime.choose_speed(from_dict({}), cpu, COMPILE_MIN_STEPS - 1)
     assert (

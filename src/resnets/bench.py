@@ -119,15 +119,10 @@ def share_weights(ours: nn.Module, peer: nn.Module, layout: str) -> bool:
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:
     """CPU model, threads, GPU, library versions and the load average when asked."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
-        cpu = m.group(1).strip() if m else cpu
-    except OSError:
-        pass
+    from .runtime import cpu_name
+
     info: dict[str, Any] = {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(device)

@@ -45,7 +45,7 @@ from .data import Augment, load_data
 from .errors import CheckpointError, ConfigError, RunStopped, TrainingError
 from .evaluate import autocast, evaluate
 from .registry import create_model
-from .runtime import choose_speed
+from .runtime import choose_speed, cpu_name
 
 METRIC_COLUMNS = (
     "epoch",
@@ -713,7 +713,6 @@ def _train(cfg, callback, criterion, on_step, rank: int, world: int, device: tor
         compile="on" if speed.compile else "off",
         threads=speed.threads,
     )
-    _check_recipe(cfg, world, device)  # the resolved amp, too
     if device.type == "cpu":
         torch.set_num_threads(speed.threads)
     fmt = torch.channels_last if speed.channels_last else torch.contiguous_format
@@ -946,8 +945,17 @@ def _train(cfg, callback, criterion, on_step, rank: int, world: int, device: tor
             # --- final files, still under the stop handler: a signal now lets them finish ----------
             rows = state.metrics
             last, best = rows[-1], max(rows, key=lambda r: r["test_top1"])
-            summary = _summary(cfg, state, steps_per_epoch, n_params, ema is not None, speed, first_step_s)
-            summary.update(device=f"{world} x {_device_name(device)}", out=str(out))
+            summary = _summary(
+                cfg,
+                state,
+                steps_per_epoch,
+                n_params,
+                ema is not None,
+                speed,
+                first_step_s,
+                f"{world} x {_device_name(device)}",
+                out,
+            )
             if main:
                 save_model_file(out / "model.safetensors", eval_model, data_info)
                 _plot_curves(out / "curves.png", rows, f"{cfg.model} on {cfg.data}")
@@ -1000,7 +1008,15 @@ def _epoch_line(row: dict, epochs: int) -> str:
 
 
 def _summary(
-    cfg, state: RunState, steps_per_epoch: int, n_params: int, ema: bool, speed, first_step_s
+    cfg,
+    state: RunState,
+    steps_per_epoch: int,
+    n_params: int,
+    ema: bool,
+    speed,
+    first_step_s,
+    device: str,
+    out: Path,
 ) -> dict:
     """summary.json: the last and the best epoch, the run's speed and where it ran."""
     rows = state.metrics
@@ -1024,24 +1040,12 @@ def _summary(
         "tta": cfg.tta,
         "speed": speed.as_dict(),
         "first_step_s": round(first_step_s, 3) if first_step_s is not None else None,
-        "device": None,
-        "cpu": _cpu_name(),
+        "device": device,
+        "cpu": cpu_name(),
         "torch": torch.__version__,
-        "out": None,
+        "out": str(out),
     }
 
 
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()

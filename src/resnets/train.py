@@ -1,10 +1,10 @@
 """`train(cfg) -> dict`: one training loop, from one CPU to many GPUs.
 
-`_train` reads top to bottom: processes and devices -> run folder and recipe -> data -> speed
-settings -> model, optimizer and `RunState` (what last.ckpt holds, written and restored by one
-table) -> `TrainStep` (one optimizer step, callable alone) -> epochs of (steps, evaluation,
-checkpoint, log) -> final files. Only rank 0 writes; `agree` makes every rank take the same
-decision at the same step.
+`_train` reads top to bottom: processes and devices -> run folder and recipe (`_resolve_recipe`)
+-> data (`_prepare_data`) -> speed settings -> a `_Run`: the model, optimizer and `RunState` (what
+last.ckpt holds, written and restored by one table), `TrainStep` (one optimizer step, callable
+alone), the outputs -> epochs of (steps, evaluation, checkpoint, log) -> final files. Only rank 0
+writes; `agree` makes every rank take the same decision at the same step.
 """
 
 from __future__ import annotations
@@ -647,9 +647,43 @@ def _check_recipe(cfg: TrainConfig, world: int, device: torch.device) -> list[st
 
 def _train(cfg, callback, criterion, on_step, rank: int, world: int, device: torch.device) -> dict:
     main = rank == 0
-    say = print if main else (lambda *a, **k: None)
+    cfg, out, ckpt = _resolve_recipe(cfg, world, main)
+    warnings = _check_recipe(cfg, world, device)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+        torch.use_deterministic_algorithms(True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+    cfg, data = _prepare_data(cfg, device, world, main)
+    # Speed settings: chosen once, for this device and the whole run, and recorded in the recipe.
+    speed = choose_speed(cfg, device, cfg.epochs * data.steps_per_epoch(cfg.batch_size))
+    cfg = replace(
+        cfg,
+        amp=speed.amp,
+        channels_last="on" if speed.channels_last else "off",
+        compile="on" if speed.compile else "off",
+        threads=speed.threads,
+    )
+    if device.type == "cpu":
+        torch.set_num_threads(speed.threads)
 
-    # --- run folder and recipe --------------------------------------------------------------------
+    run = _Run(cfg, out, data, speed, device, rank, world, criterion)
+    if ckpt is not None:
+        run.restore(ckpt)
+    with run.outputs(warnings, resumed=ckpt is not None), _StopSignals(announce=main) as signals:
+        for epoch in range(run.state.epoch, cfg.epochs):
+            row = run.epoch(epoch, signals, on_step)
+            if callback is not None:
+                callback(row)
+            if signals.signum and epoch + 1 < cfg.epochs:
+                raise run.stopped(signals.signum)
+        # The final files, still under the stop handler: a signal now lets them finish.
+        return run.finish(signals)
+
+
+def _resolve_recipe(cfg: TrainConfig, world: int, main: bool) -> tuple[TrainConfig, Path, dict | None]:
+    """The run folder, the checkpoint to resume from (or None) and the recipe that runs: a resumed
+    run goes on with the recipe it started with; only how-to-run fields may change."""
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and not cfg.resume:
         # torchrun restarted the processes after a failure: go on from the run's last checkpoint.
         with contextlib.suppress(ConfigError):
@@ -665,18 +699,13 @@ def _train(cfg, callback, criterion, on_step, rank: int, world: int, device: tor
     if cfg.resume:
         ckpt = load_checkpoint(out / "last.ckpt")
         validate_checkpoint(ckpt, out / "last.ckpt")  # a foreign or hand-edited file: one line
-        # The run goes on with the recipe it started with; only how-to-run fields may change.
         stored = {k: v for k, v in ckpt["config"].items() if k not in RUNTIME_FIELDS}
         cfg = from_dict({**asdict(cfg), **stored}, f"{out / 'last.ckpt'}")
-    cfg = replace(cfg, out=str(out), warmup_epochs=cfg.warmup())
-    warnings = _check_recipe(cfg, world, device)
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
-        torch.use_deterministic_algorithms(True)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not cfg.deterministic
+    return replace(cfg, out=str(out), warmup_epochs=cfg.warmup()), out, ckpt
 
-    # --- data ------------------------------------------------------------------------------------
+
+def _prepare_data(cfg: TrainConfig, device: torch.device, world: int, main: bool):
+    """The dataset on `device`, subset as asked, and the recipe with its flip resolved."""
     if world > 1 and not main:
         dist.barrier()  # let rank 0 download and build the cache first, then read what it wrote
     data = load_data(
@@ -692,137 +721,151 @@ def _train(cfg, callback, criterion, on_step, rank: int, world: int, device: tor
     data = data.subset(cfg.train_subset, cfg.test_subset).to(device)
     if cfg.flip is None:
         cfg = replace(cfg, flip=data.flip_ok)  # the resolved config says what actually ran
-    augment = Augment(cfg.padding, cfg.pad_mode, cfg.flip, cfg.cutout)
-    steps_per_epoch = data.steps_per_epoch(cfg.batch_size)
-    if steps_per_epoch == 0:
+    if data.steps_per_epoch(cfg.batch_size) == 0:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {data.num_train} training images")
-    data_info = {
-        "data": cfg.data,
-        "classes": data.classes,
-        "mean": list(data.mean),
-        "std": list(data.std),
-        "image_size": data.image_size,
-    }
+    return cfg, data
 
-    # --- speed settings: chosen once, for this device and the whole run ---------------------------
-    speed = choose_speed(cfg, device, cfg.epochs * steps_per_epoch)
-    cfg = replace(
-        cfg,
-        amp=speed.amp,
-        channels_last="on" if speed.channels_last else "off",
-        compile="on" if speed.compile else "off",
-        threads=speed.threads,
-    )
-    if device.type == "cpu":
-        torch.set_num_threads(speed.threads)
-    fmt = torch.channels_last if speed.channels_last else torch.contiguous_format
 
-    # --- model, optimizer, state -----------------------------------------------------------------
-    torch.manual_seed(cfg.seed)
-    overrides = {k: getattr(cfg, k) for k in ("dropout", "drop_path", "zero_init_last") if getattr(cfg, k)}
-    try:
-        model = create_model(cfg.model, num_classes=data.num_classes, in_chans=data.channels, **overrides)
-    except (TypeError, ValueError) as exc:  # an override the network does not use, a bad value
-        raise ConfigError(str(exc).splitlines()[0]) from None
-    model = model.to(device, memory_format=fmt)
-    if cfg.sync_bn and world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = torch.optim.SGD(
-        param_groups(model, cfg.weight_decay, cfg.wd_norm_bias),
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov and cfg.momentum > 0,
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    state = RunState(model, optimizer, scaler, ema, device)
-    if ckpt is not None:
-        state.load_state_dict(ckpt, str(out / "last.ckpt"))
-    n_params = sum(p.numel() for p in model.parameters())
+class _Run:
+    """One training run once its recipe, data and speed settings are resolved: the model, its
+    `RunState` and `TrainStep`, and the run's outputs. `epoch()` trains and evaluates one epoch,
+    `snapshot()` writes last.ckpt at the state's position, `finish()` the final files."""
 
-    net = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None
-        )
-    if speed.compile:
-        # On a machine with a CUDA toolkit but no GPU, inductor's import of cpp_extension logs a
-        # warning that says nothing about the run.
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        net = torch.compile(net)
-    if criterion is None:
-        criterion = functools.partial(F.cross_entropy, label_smoothing=cfg.label_smoothing)
-    step_fn = TrainStep(
-        model,
-        optimizer,
-        net=net,
-        scaler=scaler,
-        ema=ema,
-        criterion=criterion,
-        amp=cfg.amp,
-        memory_format=fmt,
-        world=world,
-        name=cfg.model,
-    )
-    eval_model = ema.module if ema is not None else model
+    def __init__(self, cfg, out: Path, data, speed, device: torch.device, rank: int, world: int, criterion):
+        self.cfg, self.out, self.data, self.speed, self.device = cfg, out, data, speed, device
+        self.rank, self.world, self.main = rank, world, rank == 0
+        self.augment = Augment(cfg.padding, cfg.pad_mode, cfg.flip, cfg.cutout)
+        self.steps_per_epoch = data.steps_per_epoch(cfg.batch_size)
+        self.data_info = {
+            "data": cfg.data,
+            "classes": data.classes,
+            "mean": list(data.mean),
+            "std": list(data.std),
+            "image_size": data.image_size,
+        }
+        self.fmt = torch.channels_last if speed.channels_last else torch.contiguous_format
 
-    # --- the first writes: everything above has been checked --------------------------------------
-    log = None
-    lock = contextlib.ExitStack()
-    if main:
+        torch.manual_seed(cfg.seed)
+        overrides = {
+            k: getattr(cfg, k) for k in ("dropout", "drop_path", "zero_init_last") if getattr(cfg, k)
+        }
         try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create --out {out}: {exc.strerror or exc}") from None
-        if os.name == "posix":
-            lock.enter_context(FolderLock(out))
-        if not cfg.resume and (out / "last.ckpt").exists():  # another run got there first
-            lock.close()
-            raise ConfigError(f"{out} already holds a run; pass --resume to continue it or another --out")
-        # The resolved recipe, without where this run lives: `--config` on it trains the same thing
-        # again into a new folder.
-        recipe = replace(cfg, out=None, resume=False).to_toml()
-        atomic_write(out / "config.toml", lambda f: f.write(recipe.encode()))
-        log = RunLog(out, cfg.tensorboard, cfg.log_every, purge_step=state.step + 1 if ckpt else None)
-        for w in warnings:
-            print(f"warning: {w}", file=sys.stderr, flush=True)
-        say(
-            f"{cfg.model} ({n_params / 1e6:.2f}M params) on {cfg.data}: {data.num_train} train / "
-            f"{data.num_test} test images, {steps_per_epoch} steps of {cfg.batch_size} per epoch, "
-            f"{world} x {device.type}"
-            + (f", resuming after epoch {state.epoch}" if ckpt else "")
-            + f" -> {out}",
-            flush=True,
+            model = create_model(cfg.model, num_classes=data.num_classes, in_chans=data.channels, **overrides)
+        except (TypeError, ValueError) as exc:  # an override the network does not use, a bad value
+            raise ConfigError(str(exc).splitlines()[0]) from None
+        model = model.to(device, memory_format=self.fmt)
+        if cfg.sync_bn and world > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        optimizer = torch.optim.SGD(
+            param_groups(model, cfg.weight_decay, cfg.wd_norm_bias),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
         )
-        say(speed.line(), flush=True)
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.model, self.eval_model = model, self.ema.module if self.ema is not None else model
+        self.state = RunState(model, optimizer, scaler, self.ema, device)
+        self.n_params = sum(p.numel() for p in model.parameters())
 
-    # --- loop ------------------------------------------------------------------------------------
-    from tqdm import tqdm
+        net = model
+        if world > 1:
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device] if device.type == "cuda" else None
+            )
+        if speed.compile:
+            # On a machine with a CUDA toolkit but no GPU, inductor's import of cpp_extension logs a
+            # warning that says nothing about the run.
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+            net = torch.compile(net)
+        self.step = TrainStep(
+            model,
+            optimizer,
+            net=net,
+            scaler=scaler,
+            ema=self.ema,
+            criterion=criterion or functools.partial(F.cross_entropy, label_smoothing=cfg.label_smoothing),
+            amp=cfg.amp,
+            memory_format=self.fmt,
+            world=world,
+            name=cfg.model,
+        )
+        self.log: RunLog | None = None
+        self.saved_step: int | None = None  # the step last.ckpt holds (None: none written yet)
+        self.first_step_s: float | None = None
+        self.bad_streak = 0  # non-finite steps in a row
+        self.t_start = time.perf_counter()
 
-    t_start = time.perf_counter() - state.time_s
-    saved_step = state.step if ckpt is not None else None
-    first_step_s = None
+    def restore(self, ckpt: dict) -> None:
+        self.state.load_state_dict(ckpt, str(self.out / "last.ckpt"))
+        self.saved_step = self.state.step
+        self.t_start = time.perf_counter() - self.state.time_s
 
-    def snapshot(epoch_totals: Totals, epoch_s: float) -> None:
-        """Write last.ckpt at `state`'s position. Collective under DDP inside an epoch (every
+    @contextlib.contextmanager
+    def outputs(self, warnings: list[str], resumed: bool):
+        """The first writes (everything before has been checked), held for the run: the folder
+        and its lock, config.toml, the log. Rank 0 only; the others hold nothing."""
+        cfg, out = self.cfg, self.out
+        with contextlib.ExitStack() as held:
+            if self.main:
+                try:
+                    out.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise ConfigError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+                if os.name == "posix":
+                    held.enter_context(FolderLock(out))
+                if not resumed and (out / "last.ckpt").exists():  # another run got there first
+                    raise ConfigError(
+                        f"{out} already holds a run; pass --resume to continue it or another --out"
+                    )
+                # The resolved recipe, without where this run lives: `--config` on it trains the same
+                # thing again into a new folder.
+                recipe = replace(cfg, out=None, resume=False).to_toml()
+                atomic_write(out / "config.toml", lambda f: f.write(recipe.encode()))
+                self.log = RunLog(
+                    out, cfg.tensorboard, cfg.log_every, self.state.step + 1 if resumed else None
+                )
+                held.callback(self.log.close)
+                for w in warnings:
+                    print(f"warning: {w}", file=sys.stderr, flush=True)
+                print(
+                    f"{cfg.model} ({self.n_params / 1e6:.2f}M params) on {cfg.data}: {self.data.num_train} train / "
+                    f"{self.data.num_test} test images, {self.steps_per_epoch} steps of {cfg.batch_size} per epoch, "
+                    f"{self.world} x {self.device.type}"
+                    + (f", resuming after epoch {self.state.epoch}" if resumed else "")
+                    + f" -> {out}",
+                    flush=True,
+                )
+                print(self.speed.line(), flush=True)
+            yield
+
+    def snapshot(self, epoch_totals: Totals, epoch_s: float) -> None:
+        """Write last.ckpt at the state's position. Collective under DDP inside an epoch (every
         rank calls it at the same step); rank 0 writes."""
-        nonlocal saved_step
+        state = self.state
         if state.epoch_step:
-            sums = Totals(device, epoch_totals.tensor.tolist())
-            if world > 1:
+            sums = Totals(self.device, epoch_totals.tensor.tolist())
+            if self.world > 1:
                 sums.all_reduce()  # the partial epoch's totals over all ranks
             state.epoch_sums, state.epoch_train_s = sums.tensor.tolist(), epoch_s
         else:
             state.epoch_sums, state.epoch_train_s = [0.0] * len(Totals.NAMES), 0.0
-        state.time_s = time.perf_counter() - t_start
-        if main:
-            extra = {"model_name": cfg.model, "spec": asdict(model.spec), "config": asdict(cfg)}
-            save_checkpoint(out / "last.ckpt", {**state.state_dict(), **extra, "data_info": data_info})
-        saved_step = state.step
+        state.time_s = time.perf_counter() - self.t_start
+        if self.main:
+            extra = {
+                "model_name": self.cfg.model,
+                "spec": asdict(self.model.spec),
+                "config": asdict(self.cfg),
+            }
+            save_checkpoint(
+                self.out / "last.ckpt", {**state.state_dict(), **extra, "data_info": self.data_info}
+            )
+        self.saved_step = state.step
 
-    def stopped(signum: int) -> RunStopped:
+    def stopped(self, signum: int) -> RunStopped:
+        state, out = self.state, self.out
         where = (
-            f"epoch {state.epoch + 1}, step {state.epoch_step} of {steps_per_epoch}"
+            f"epoch {state.epoch + 1}, step {state.epoch_step} of {self.steps_per_epoch}"
             if state.epoch_step
             else f"end of epoch {state.epoch}"
         )
@@ -833,152 +876,155 @@ def _train(cfg, callback, criterion, on_step, rank: int, world: int, device: tor
             str(out),
         )
 
-    bad_streak = 0
-    try:
-        with _StopSignals(announce=main) as signals:
-            for epoch in range(state.epoch, cfg.epochs):
-                model.train()
-                first = state.epoch_step  # > 0: resumed inside this epoch
-                t_begin = time.perf_counter()
-                t0 = t_begin - state.epoch_train_s  # the epoch's start, resumed or not
-                # A resumed partial epoch's totals (over all ranks) sit on rank 0.
-                totals = Totals(device, state.epoch_sums if first and main else None)
-                seen0 = totals.read()["seen"]
-                bar = tqdm(
-                    total=steps_per_epoch,
-                    initial=first,
-                    desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                    disable=cfg.quiet or not main,
-                    dynamic_ncols=True,
-                    file=sys.stderr,
-                )
-                batches = data.train_batches(
-                    epoch,
-                    seed=cfg.seed,
-                    batch_size=cfg.batch_size,
-                    augment=augment,
-                    rank=rank,
-                    world=world,
-                    accum=cfg.accum_steps,
-                    start=first,
-                )
-                for epoch_step, micro in enumerate(batches, start=first + 1):
-                    lr = lr_at(state.step, cfg, steps_per_epoch)
-                    t_step = time.perf_counter()
-                    outcome = step_fn(micro, lr, signals.signum)
-                    if first_step_s is None:
-                        first_step_s = time.perf_counter() - t_step
-                    if outcome.finite:
-                        bad_streak = 0
-                        totals.add(outcome.totals)
-                    else:
-                        bad_streak += 1
-                        if cfg.nonfinite == "stop" or bad_streak > MAX_SKIPPED_IN_A_ROW:
-                            bar.close()
-                            where = f"epoch {epoch + 1}, step {epoch_step} of {steps_per_epoch}"
-                            raise TrainingError(
-                                _nonfinite_message(
-                                    cfg, outcome.totals, state.step, where, out, saved_step, bad_streak
-                                )
-                            )
-                        totals.count_skipped()
-                    state.step += 1
-                    state.epoch_step = epoch_step % steps_per_epoch
-                    if on_step is not None:
-                        on_step(state.step)
-                    if log is not None:
-                        log.step(state.step, outcome.totals, lr)
-                    if not bar.disable and (epoch_step % 5 == 0 or epoch_step == steps_per_epoch):
-                        v = totals.read()  # a device sync, so only every few steps
-                        rate = (v["seen"] - seen0) * world / max(time.perf_counter() - t_begin, 1e-9)
-                        if v["seen"]:
-                            bar.set_postfix(
-                                loss=f"{v['loss_sum'] / v['seen']:.3f}",
-                                acc=f"{v['correct'] / v['seen']:.3f}",
-                                img_s=f"{rate:.0f}",
-                            )
-                    bar.update(1)
-                    if epoch_step < steps_per_epoch and (
-                        outcome.signum or (cfg.ckpt_every and state.step % cfg.ckpt_every == 0)
-                    ):
-                        snapshot(totals, time.perf_counter() - t0)
-                        if outcome.signum:
-                            bar.close()
-                            raise stopped(outcome.signum)
+    def epoch(self, epoch: int, signals: _StopSignals, on_step) -> dict:
+        """Train one epoch (from a resumed position inside it, if any), evaluate, checkpoint and
+        log it; return its metrics row."""
+        from tqdm import tqdm
 
-                # --- end of the epoch: evaluate, checkpoint, log ---------------------------------
-                if world > 1:
-                    totals.all_reduce()
-                epoch_train_s = time.perf_counter() - t0
-                state.train_time_s += epoch_train_s
-                v = totals.read()
-                if not v["seen"]:
-                    bar.close()
-                    raise TrainingError(f"every step of epoch {epoch + 1} had a non-finite loss; stopped")
-                test = evaluate(
-                    eval_model,
-                    data,
-                    tta=cfg.tta,
-                    batch_size=cfg.eval_batch_size,
-                    amp=cfg.amp,
-                    memory_format=fmt,
-                )
-                row = _epoch_row(epoch + 1, v, test, lr, epoch_train_s, time.perf_counter() - t_start)
-                state.metrics.append(row)
-                bar.set_postfix(
-                    loss=f"{row['train_loss']:.3f}",
-                    acc=f"{row['train_top1']:.3f}",
-                    test=f"{row['test_top1']:.4f}",
-                )
-                bar.close()
-                state.epoch, state.epoch_step = epoch + 1, 0
-                snapshot(totals, 0.0)
-                if log is not None:
-                    log.epoch(state.metrics, state.step)
-                    if cfg.quiet:
-                        print(_epoch_line(row, cfg.epochs), flush=True)
-                if callback is not None:
-                    callback(row)
-                if signals.signum and epoch + 1 < cfg.epochs:
-                    raise stopped(signals.signum)
-
-            # --- final files, still under the stop handler: a signal now lets them finish ----------
-            rows = state.metrics
-            last, best = rows[-1], max(rows, key=lambda r: r["test_top1"])
-            summary = _summary(
-                cfg,
-                state,
-                steps_per_epoch,
-                n_params,
-                ema is not None,
-                speed,
-                first_step_s,
-                f"{world} x {_device_name(device)}",
-                out,
+        cfg, state, steps = self.cfg, self.state, self.steps_per_epoch
+        self.model.train()
+        first = state.epoch_step  # > 0: resumed inside this epoch
+        t_begin = time.perf_counter()
+        t0 = t_begin - state.epoch_train_s  # the epoch's start, resumed or not
+        # A resumed partial epoch's totals (over all ranks) sit on rank 0.
+        totals = Totals(self.device, state.epoch_sums if first and self.main else None)
+        seen0 = totals.read()["seen"]
+        with tqdm(
+            total=steps,
+            initial=first,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=cfg.quiet or not self.main,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        ) as bar:
+            batches = self.data.train_batches(
+                epoch,
+                seed=cfg.seed,
+                batch_size=cfg.batch_size,
+                augment=self.augment,
+                rank=self.rank,
+                world=self.world,
+                accum=cfg.accum_steps,
+                start=first,
             )
-            if main:
-                save_model_file(out / "model.safetensors", eval_model, data_info)
-                _plot_curves(out / "curves.png", rows, f"{cfg.model} on {cfg.data}")
-                atomic_write(
-                    out / "summary.json", lambda f: f.write((json.dumps(summary, indent=1) + "\n").encode())
+            lr = cfg.lr
+            for epoch_step, micro in enumerate(batches, start=first + 1):
+                lr = lr_at(state.step, cfg, steps)
+                t_step = time.perf_counter()
+                outcome = self.step(micro, lr, signals.signum)
+                if self.first_step_s is None:
+                    self.first_step_s = time.perf_counter() - t_step
+                self._count(outcome, totals, f"epoch {epoch + 1}, step {epoch_step} of {steps}")
+                state.step += 1
+                state.epoch_step = epoch_step % steps
+                if on_step is not None:
+                    on_step(state.step)
+                if self.log is not None:
+                    self.log.step(state.step, outcome.totals, lr)
+                if not bar.disable and (epoch_step % 5 == 0 or epoch_step == steps):
+                    v = totals.read()  # a device sync, so only every few steps
+                    rate = (v["seen"] - seen0) * self.world / max(time.perf_counter() - t_begin, 1e-9)
+                    if v["seen"]:
+                        bar.set_postfix(
+                            loss=f"{v['loss_sum'] / v['seen']:.3f}",
+                            acc=f"{v['correct'] / v['seen']:.3f}",
+                            img_s=f"{rate:.0f}",
+                        )
+                bar.update(1)
+                if epoch_step < steps and (
+                    outcome.signum or (cfg.ckpt_every and state.step % cfg.ckpt_every == 0)
+                ):
+                    self.snapshot(totals, time.perf_counter() - t0)
+                    if outcome.signum:
+                        raise self.stopped(outcome.signum)
+
+            # --- end of the epoch: evaluate, checkpoint, log -------------------------------------
+            if self.world > 1:
+                totals.all_reduce()
+            epoch_train_s = time.perf_counter() - t0
+            state.train_time_s += epoch_train_s
+            v = totals.read()
+            if not v["seen"]:
+                raise TrainingError(f"every step of epoch {epoch + 1} had a non-finite loss; stopped")
+            test = evaluate(
+                self.eval_model,
+                self.data,
+                tta=cfg.tta,
+                batch_size=cfg.eval_batch_size,
+                amp=cfg.amp,
+                memory_format=self.fmt,
+            )
+            row = _epoch_row(epoch + 1, v, test, lr, epoch_train_s, time.perf_counter() - self.t_start)
+            state.metrics.append(row)
+            bar.set_postfix(
+                loss=f"{row['train_loss']:.3f}",
+                acc=f"{row['train_top1']:.3f}",
+                test=f"{row['test_top1']:.4f}",
+            )
+        state.epoch, state.epoch_step = epoch + 1, 0
+        self.snapshot(totals, 0.0)
+        if self.log is not None:
+            self.log.epoch(state.metrics, state.step)
+            if cfg.quiet:
+                print(_epoch_line(row, cfg.epochs), flush=True)
+        return row
+
+    def _count(self, outcome: StepOutcome, totals: Totals, where: str) -> None:
+        """Add a step's totals, or count it skipped; a non-finite step ends the run unless the
+        recipe skips them (and then a long streak of them ends it)."""
+        if outcome.finite:
+            self.bad_streak = 0
+            totals.add(outcome.totals)
+            return
+        self.bad_streak += 1
+        if self.cfg.nonfinite == "stop" or self.bad_streak > MAX_SKIPPED_IN_A_ROW:
+            raise TrainingError(
+                _nonfinite_message(
+                    self.cfg,
+                    outcome.totals,
+                    self.state.step,
+                    where,
+                    self.out,
+                    self.saved_step,
+                    self.bad_streak,
                 )
-                print(
-                    f"test top-1 {last['test_top1']:.4f} (best {best['test_top1']:.4f} at epoch {best['epoch']}), "
-                    f"{last['time_s']:.0f} s; wrote {out}",
-                    flush=True,
-                )
-            if signals.signum and main:
+            )
+        totals.count_skipped()
+
+    def finish(self, signals: _StopSignals) -> dict:
+        """model.safetensors, curves.png and summary.json; returns the summary."""
+        cfg, out, rows = self.cfg, self.out, self.state.metrics
+        summary = _summary(
+            cfg,
+            self.state,
+            self.steps_per_epoch,
+            self.n_params,
+            self.ema is not None,
+            self.speed,
+            self.first_step_s,
+            f"{self.world} x {_device_name(self.device)}",
+            out,
+        )
+        if self.main:
+            last, best = rows[-1], max(rows, key=lambda r: r["test_top1"])
+            save_model_file(out / "model.safetensors", self.eval_model, self.data_info)
+            _plot_curves(out / "curves.png", rows, f"{cfg.model} on {cfg.data}")
+            atomic_write(
+                out / "summary.json", lambda f: f.write((json.dumps(summary, indent=1) + "\n").encode())
+            )
+            print(
+                f"test top-1 {last['test_top1']:.4f} (best {best['test_top1']:.4f} at epoch {best['epoch']}), "
+                f"{last['time_s']:.0f} s; wrote {out}",
+                flush=True,
+            )
+            if signals.signum:
                 print(
                     f"{signal.Signals(signals.signum).name} arrived during the final writes; they are done "
                     "and the run is complete",
                     file=sys.stderr,
                     flush=True,
                 )
-    finally:
-        if log is not None:
-            log.close()
-        lock.close()
-    return summary
+        return summary
 
 
 def _epoch_row(epoch: int, v: dict, test: dict, lr: float, train_s: float, time_s: float) -> dict:

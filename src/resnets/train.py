@@ -914,7 +914,7 @@ class _Run:
                 outcome = self.step(micro, lr, signals.signum)
                 if self.first_step_s is None:
                     self.first_step_s = time.perf_counter() - t_step
-                self._count(outcome, totals, f"epoch {epoch + 1}, step {epoch_step} of {steps}")
+                self._count(outcome, totals, epoch, epoch_step)
                 state.step += 1
                 state.epoch_step = epoch_step % steps
                 if on_step is not None:
@@ -969,7 +969,7 @@ class _Run:
                 print(_epoch_line(row, cfg.epochs), flush=True)
         return row
 
-    def _count(self, outcome: StepOutcome, totals: Totals, where: str) -> None:
+    def _count(self, outcome: StepOutcome, totals: Totals, epoch: int, epoch_step: int) -> None:
         """Add a step's totals, or count it skipped; a non-finite step ends the run unless the
         recipe skips them (and then a long streak of them ends it)."""
         if outcome.finite:
@@ -978,6 +978,7 @@ class _Run:
             return
         self.bad_streak += 1
         if self.cfg.nonfinite == "stop" or self.bad_streak > MAX_SKIPPED_IN_A_ROW:
+            where = f"epoch {epoch + 1}, step {epoch_step} of {self.steps_per_epoch}"
             raise TrainingError(
                 _nonfinite_message(
                     self.cfg,

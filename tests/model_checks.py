@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import torch
 
+# The iResNet paper's other nets beyond 50 layers repeat the blocks, stems and shortcuts of their
+# 50-layer version, which the per-model sweeps run; the sweeps run these with `pytest -m slow`
+# (tests/test_iresnet_variants.py checks their parameters against the official code by default).
+DEEPER_COPIES = frozenset(
+    [f"resstage{d}" for d in (101, 152, 200)]
+    + [f"{f}{d}" for f in ("resgroup", "iresgroup", "resgroupfix", "iresgroupfix") for d in (101, 152)]
+)
+
 
 def randomise_bn(model: torch.nn.Module, seed: int = 1) -> None:
     """Random affine parameters and running statistics in every BN, so that in eval mode no BN is

@@ -24,6 +24,8 @@ NETS = [(f.example, SMALL) for f in FAMILIES.values()] + [
     ("resnet20", dict(unit="full_preact")),
     ("resnext29_8x64d", dict(depths=(1, 1, 1), resnext_form="a")),
     ("res2net50_v1b_26w_4s", SMALL),  # deep stem, avg-down shortcuts
+    ("resgroup50", SMALL),  # iResNet's improved building block (the iresnet family's other blocks)
+    ("iresgroup50", SMALL),
     ("se_res2next29_6c24w6s", dict(depths=(1, 1, 1))),  # SE
 ]
 IDS = [f"{n}-{'-'.join(str(v) for k, v in o.items() if k not in SMALL)}".rstrip("-") for n, o in NETS]
@@ -49,7 +51,7 @@ def test_no_activation_is_hard_coded(name, overrides):
     # built or called outside norm_layer / act_layer. Max-pools are not odd: a CIFAR stem, and
     # projection instead of max-pool shortcuts in iResNet.
     extra = dict(stem="cifar", num_classes=0)
-    if name.startswith("iresnet"):
+    if name.startswith(("iresnet", "iresgroup")):
         extra["shortcut"] = "B"
     torch.manual_seed(0)
     model = create_model(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_checks import DEEPER_COPIES
 
 import resnets
 from resnets import NetSpec, count_params_macs, create_model, get_entry, list_models
@@ -30,6 +31,7 @@ iresnet18 iresnet34 iresnet50 iresnet101 iresnet152 iresnet200 iresnet302 iresne
 
 # The deepest nets take seconds each to build and run; they run with `pytest -m slow`.
 DEEPEST = {"resnet1202", "preact_resnet1001", "iresnet302", "iresnet404", "iresnet1001"}
+SLOW = DEEPEST | DEEPER_COPIES
 # The exact counts ship with the package (`resnets list` reads them instead of counting).
 GOLDEN = json.loads((Path(resnets.__file__).parent / "counts.json").read_text())
 
@@ -45,7 +47,7 @@ def test_registry_has_every_required_name():
 
 
 def _sweep_params():
-    return [pytest.param(n, marks=pytest.mark.slow) if n in DEEPEST else n for n in list_models()]
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in list_models()]
 
 
 @pytest.mark.parametrize("name", _sweep_params())
@@ -98,7 +100,7 @@ def test_tolerance_rule_rejects_real_gaps():
     assert not _within(0.66, 0.6, 0.02) and _within(0.564, 0.6, 0.02)
 
 
-@pytest.mark.parametrize("name", [n for n in list_models() if n not in DEEPEST])
+@pytest.mark.parametrize("name", [n for n in list_models() if n not in SLOW])
 def test_golden_counts(name):
     params, macs = counts(name)
     golden = GOLDEN[name]
@@ -108,7 +110,7 @@ def test_golden_counts(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(DEEPEST))
+@pytest.mark.parametrize("name", sorted(SLOW))
 def test_golden_counts_deepest(name):
     assert counts(name) == (GOLDEN[name]["params"], GOLDEN[name]["macs"])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_checks import DEEPER_COPIES
 from timm.data import resolve_data_config
 from timm.layers import freeze_batch_norm_2d
 from timm.utils import freeze
@@ -15,7 +16,8 @@ DEEPEST = {"resnet1202", "preact_resnet1001", "iresnet302", "iresnet404", "iresn
 
 
 def _sweep():
-    return [pytest.param(n, marks=pytest.mark.slow) if n in DEEPEST else n for n in list_models()]
+    slow = DEEPEST | DEEPER_COPIES
+    return [pytest.param(n, marks=pytest.mark.slow) if n in slow else n for n in list_models()]
 
 
 @pytest.mark.parametrize("name", _sweep())

@@ -20,6 +20,8 @@ VARIANTS = [(f.example, {}) for f in FAMILIES.values()] + [
     ("preact_resnet110", dict(shortcut="A", depths=(2, 2, 2))),
     ("wrn16_4", dict(dropout=0.3)),
     ("iresnet18", dict(official_quirks=False)),
+    ("resgroup50", dict(depths=(1, 1, 1, 1))),  # 3x3 groups per stage
+    ("iresgroup50", dict(depths=(4, 2, 2, 2))),  # the same in iResNet's start / middle / end blocks
     ("resnet18", dict(global_pool="avgmax", se_ratio=0.25, drop_path=0.1)),
     *[
         ("resnet20", dict(unit=u))

@@ -225,7 +225,8 @@ def guess_shortcuts(state_dict: StateDict) -> Shortcuts:
     """Guess, from one of our state dicts, what `from_ours` needs to know about its shortcuts.
 
     It reads `bn0` (iResNet: max-pool shortcuts, every stage strided) and a deep stem (avg-down).
-    An iResNet-18/34 has no `bn0` and the same keys as a ResNet-18/34: pass its spec instead.
+    An iResNet-18/34 has no `bn0` and the same keys as a ResNet-18/34, and a ResStage net has
+    iResNet's `bn0` with ResNet's shortcuts: pass their spec instead.
     """
     keys = list(state_dict)
     n_stages = 1 + max((int(m.group(1)) for k in keys if (m := re.match(r"stages\.(\d+)\.", k))), default=0)

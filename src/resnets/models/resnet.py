@@ -78,13 +78,18 @@ class Bottleneck(Block):
         self, in_ch: int, out_ch: int, stride: int, pos: Pos, spec: NetSpec, layers: Layers = BN_RELU
     ):
         super().__init__()
-        width = bottleneck_width(out_ch, spec)
+        width, groups = self.inner_width(out_ch, pos, spec)
         # The original ResNet-50/101/152 stride in the first 1x1; torchvision and later papers in the 3x3.
         s1, s3 = (stride, 1) if spec.stride_in_1x1 else (1, stride)
         self.conv1, self.bn1 = conv1x1(in_ch, width, s1), layers.norm(width)
-        self.conv2, self.bn2 = conv3x3(width, width, s3, spec.groups, pos.dilation), layers.norm(width)
+        self.conv2, self.bn2 = conv3x3(width, width, s3, groups, pos.dilation), layers.norm(width)
         self.conv3, self.bn3 = conv1x1(width, out_ch), layers.norm(out_ch)
         self._init_tail(in_ch, out_ch, stride, pos, spec, layers)
+
+    @staticmethod
+    def inner_width(out_ch: int, pos: Pos, spec: NetSpec) -> tuple[int, int]:
+        """(width, groups) of the 3x3 conv: the ResNeXt rule, the same in every stage."""
+        return bottleneck_width(out_ch, spec), spec.groups
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)

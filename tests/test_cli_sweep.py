@@ -136,6 +136,25 @@ CASES = [
         st.one_of(NON_POSITIVE, TOO_BIG_SIZE),
     ),
     (["export", "resnet20", "o.onnx", "--format", "onnx", "--weights", "{}"], NOT_A_MODEL),
+    (["export", "{}", "o.onnx"], NOT_A_MODEL),
+    (
+        ["export", "gray.safetensors", "{}"],
+        st.one_of(MISSING.map("{}.xml".format), st.sampled_from(["o.tflite", "o", "adir", "o.onnx.txt"])),
+    ),
+    (
+        ["export", "gray.safetensors", "o.onnx", "--static", "--batch-size", "{}"],
+        st.one_of(NON_POSITIVE, ints(4097, 10**9), NOT_INT),
+    ),
+    (["predict", "--checkpoint", "{}", "img.png"], NOT_A_MODEL),
+    (
+        ["predict", "--checkpoint", "gray.safetensors", "img.png", "--top", "{}"],
+        st.one_of(NON_POSITIVE, NOT_INT),
+    ),
+    (
+        ["predict", "--checkpoint", "gray.safetensors", "img.png", "--batch-size", "{}"],
+        st.one_of(NON_POSITIVE, ints(65537, 10**12), NOT_INT),
+    ),
+    (["predict", "--checkpoint", "gray.safetensors", "img.png", "--device", "{}"], BAD_DEVICE),
     (["analyze", "{}"], UNKNOWN_NAME),
     (
         ["analyze", "signal", "--model", "resnet20", "--out", "{}"],

@@ -26,6 +26,7 @@ import resnets.checkpoint as ckpt_mod
 from resnets import create_model, save_weights
 from resnets.checkpoint import (
     atomic_write,
+    atomic_write_files,
     load_checkpoint,
     remove_stale_temps,
     save_checkpoint,
@@ -150,7 +151,7 @@ def test_every_writer_on_a_read_only_filesystem(read_only, write):
 def test_cli_convert_and_export_on_a_full_filesystem_keep_the_old_file(tmp_path, small_fs):
     src = tiny_weights(tmp_path / "w.safetensors")
     (small_fs / "pad").write_bytes(b"\0" * 700_000)  # leaves less than one resnet20 (1.1 MB) free
-    for name in ("m.safetensors", "m.pth", "m.onnx", "m.pt"):
+    for name in ("m.safetensors", "m.pth", "m.onnx", "m.pt", "m.xml", "m.bin"):
         (small_fs / name).write_bytes(b"old")
     before = snapshot(small_fs)
     cases = [
@@ -158,6 +159,7 @@ def test_cli_convert_and_export_on_a_full_filesystem_keep_the_old_file(tmp_path,
         ["convert", str(src), str(small_fs / "m.pth"), "--to", "torchvision"],
         ["export", "resnet20", str(small_fs / "m.onnx"), "--format", "onnx", "--weights", str(src)],
         ["export", "resnet20", str(small_fs / "m.pt"), "--format", "torchscript", "--weights", str(src)],
+        ["export", str(src), str(small_fs / "m.xml")],  # the .xml fits, its .bin does not: neither changes
     ]
     for argv in cases:
         code, err = run_cli(argv)
@@ -173,10 +175,24 @@ def test_cli_convert_and_export_into_a_read_only_folder(tmp_path, read_only):
     for argv in (
         ["convert", str(src), str(ro / "m.safetensors")],
         ["export", "resnet20", str(ro / "m.pt"), "--format", "torchscript", "--weights", str(src)],
+        ["export", str(src), str(ro / "m.xml")],
     ):
         code, err = run_cli(argv)  # refused before the model is even read
         assert_one_error_line(code, err, f"the folder {ro} is on a read-only file system")
         assert snapshot(src_dir) == before
+
+
+def test_files_that_belong_together_keep_the_old_set_on_a_full_filesystem(small_fs):
+    old = {small_fs / "m.xml": b"old xml", small_fs / "m.bin": b"old bin"}
+    for path, blob in old.items():
+        path.write_bytes(blob)
+    before = snapshot(small_fs)
+    new = {small_fs / "m.xml": b"x" * 1000, small_fs / "m.bin": b"w" * 2_000_000}  # the .bin fails
+    with pytest.raises(
+        CheckpointError, match=r"m\.bin \(No space left on device\); the previous one is kept"
+    ):
+        atomic_write_files({p: (lambda f, b=b: f.write(b)) for p, b in new.items()})
+    assert snapshot(small_fs) == before  # the .xml written first was not renamed into place either
 
 
 # --- injected faults: each call a write makes ------------------------------------------------------
@@ -271,6 +287,35 @@ def test_an_error_that_is_no_io_fault_is_not_disguised(tmp_path):
     with pytest.raises(ValueError, match="a bug in the writer"):
         atomic_write(tmp_path / "x", write)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("when", ["writing", "renaming"])
+def test_ctrl_c_never_splits_files_that_belong_together(tmp_path, monkeypatch, when):
+    # Ctrl-C while the files are written: all old files stay. Ctrl-C between the renames: it waits
+    # until both are in place, so the pair is never one old and one new file.
+    a, b = tmp_path / "m.xml", tmp_path / "m.bin"
+    a.write_bytes(b"old a")
+    b.write_bytes(b"old b")
+    real_replace = os.replace
+
+    def write_b(f):
+        if when == "writing":
+            signal.raise_signal(signal.SIGINT)
+        f.write(b"new b")
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        if when == "renaming":
+            signal.raise_signal(signal.SIGINT)  # after the first rename, before the second
+
+    monkeypatch.setattr(ckpt_mod.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_files({a: lambda f: f.write(b"new a"), b: write_b})
+    monkeypatch.undo()
+    expected = {"writing": (b"old a", b"old b"), "renaming": (b"new a", b"new b")}[when]
+    assert (a.read_bytes(), b.read_bytes()) == expected
+    assert sorted(os.listdir(tmp_path)) == ["m.bin", "m.xml"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 # --- temporary files of killed writers -------------------------------------------------------------

@@ -11,7 +11,9 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, fields
 from glob import escape as glob_escape
 from pathlib import Path
@@ -105,34 +107,71 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     write (full disk, no permission, a read-only filesystem) raises `CheckpointError` with one
     line, and leaves the old file as it was; the temporary file is removed where the filesystem
     still allows it. Temporary files of earlier writers of `path` that were killed are removed."""
-    path = Path(path)
-    tmp = temp_path(path)
-    remove_stale_temps(path.parent, glob_escape(path.name))
-    recorder = None
+    atomic_write_files({path: write})
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT and SIGTERM wait until the block has run (then they act as they would have): the
+    renames of files that belong together are not split by Ctrl-C. Only the main thread can."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in _DEFERRED}
     try:
-        with open(tmp, "wb") as f:
-            recorder = _Recorder(f)
-            write(recorder)  # type: ignore[arg-type]
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for sig in caught[:1]:
+            signal.raise_signal(sig)
+
+
+_DEFERRED = (signal.SIGINT, signal.SIGTERM)
+
+
+def atomic_write_files(writes: Mapping[str | Path, Callable[[BinaryIO], None]]) -> None:
+    """`atomic_write` for files that belong together (an OpenVINO model's .xml and .bin): every
+    one is written whole to its temporary file first, and only then are they renamed into place,
+    back to back with Ctrl-C and SIGTERM held off, so a failed write or a signal leaves all the
+    old files. (Only a SIGKILL in the microseconds between two renames could split the set.)"""
+    items = [(Path(p), write) for p, write in writes.items()]
+    temps: list[Path] = []
+    path, recorder = items[0][0], None
+    try:
+        for path, write in items:
+            remove_stale_temps(path.parent, glob_escape(path.name))
+            temps.append(temp_path(path))
+            recorder = None
+            with open(temps[-1], "wb") as f:
+                recorder = _Recorder(f)
+                write(recorder)  # type: ignore[arg-type]
+                f.flush()
+                os.fsync(f.fileno())
+        recorder = None
+        with _signals_deferred() if len(items) > 1 else contextlib.nullcontext():
+            for tmp, (path, _) in zip(temps, items):
+                os.replace(tmp, path)
     except BaseException as exc:
-        with contextlib.suppress(OSError):  # a filesystem gone read-only refuses this too
-            tmp.unlink(missing_ok=True)
+        for tmp in temps:
+            with contextlib.suppress(OSError):  # a filesystem gone read-only refuses this too
+                tmp.unlink(missing_ok=True)
         cause = _os_error(exc, recorder) if isinstance(exc, Exception) else None
         if cause is not None:  # full disk, quota, read-only folder, permissions...
             reason = cause.strerror or str(cause) or type(cause).__name__
             kept = "the previous one is kept" if os.path.exists(path) else "nothing was written"
             raise CheckpointError(f"could not write {path} ({reason}); {kept}") from None
         raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
+    for folder in dict.fromkeys(p.parent for p, _ in items):  # make the renames themselves durable
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a folder; the file itself is already on disk
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # some filesystems cannot fsync a folder; the files themselves are already on disk
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
@@ -452,10 +491,23 @@ def save_model_file(path: str | Path, model: ResNet, info: dict | None = None) -
     atomic_write(path, lambda f: f.write(blob))
 
 
+def run_file(path: str | Path) -> Path:
+    """The weights of a training run: `path` itself, or for a run folder its `model.safetensors`
+    (the final weights) or, before the run has finished, its `last.ckpt`."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in ("model.safetensors", "last.ckpt"):
+        if (path / name).is_file():
+            return path / name
+    raise CheckpointError(f"{path} is a folder without model.safetensors or last.ckpt; is it a training run?")
+
+
 def load_model_file(path: str | Path) -> tuple[ResNet, dict]:
     """A model from a run's `model.safetensors` or `last.ckpt` (EMA weights where the run kept
-    them), and the metadata that travels with it (name, normalisation, classes...), all checked."""
-    path = Path(path)
+    them) or from the run folder holding them, and the metadata that travels with it (name,
+    normalisation, classes...), all checked."""
+    path = run_file(path)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 

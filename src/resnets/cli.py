@@ -284,14 +284,20 @@ def add_eval_parser(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def check_range(flag: str, value: int, low: int, high: int | None = None) -> None:
+    """One `error:` line when an integer flag lies outside [low, high]."""
+    if high is None and value < low:
+        raise UserError(f"{flag} must be at least {low}, got {value}")
+    if high is not None and not low <= value <= high:
+        raise UserError(f"{flag} must be between {low} and {high}, got {value}")
+
+
 def cmd_eval(args) -> int:
     from .errors import ResnetsError
     from .evaluate import evaluate_file
 
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if not 0 <= args.workers <= MAX_WORKERS:
-        raise UserError(f"--workers must be between 0 and {MAX_WORKERS}, got {args.workers}")
+    check_range("--batch-size", args.batch_size, 1)
+    check_range("--workers", args.workers, 0, MAX_WORKERS)
     parse_device(args.device)
     try:
         r = evaluate_file(
@@ -402,30 +408,151 @@ def cmd_convert(args) -> int:
 
 
 def add_export_parser(sub) -> None:
-    p = sub.add_parser("export", help="write a model as ONNX or TorchScript with a dynamic batch dimension")
-    p.add_argument("name", help="registered model name")
-    p.add_argument("out", help="output file")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
-    p.add_argument("--weights", metavar="PATH", help="weights to export, in any supported layout")
-    p.add_argument("--input-size", type=int, default=None, help="example input size (default: the paper's)")
+    p = sub.add_parser(
+        "export",
+        help="write a model as ONNX, TorchScript or OpenVINO IR, with its preprocessing in the file",
+        description="MODEL is a training run (its folder, model.safetensors or last.ckpt: the network, "
+        "normalisation, input size and class names come from the file) or a registered name (with "
+        "--weights in any supported layout; without, random weights). The file takes any batch and "
+        "image size unless --static, carries the preprocessing in its metadata, and is run against "
+        "PyTorch on one batch before it is written.",
+    )
+    p.add_argument(
+        "model", metavar="MODEL", help="a training run (folder, .safetensors, .ckpt) or a model name"
+    )
+    p.add_argument(
+        "out", help="output file: *.onnx, *.pt (TorchScript) or *.xml (OpenVINO; its .bin beside it)"
+    )
+    p.add_argument(
+        "--format", choices=["onnx", "torchscript", "openvino"], help="default: from OUT's extension"
+    )
+    p.add_argument("--weights", metavar="PATH", help="with a model name: weights in any supported layout")
+    p.add_argument(
+        "--input-size",
+        type=int,
+        default=None,
+        help="example input size (default: the run's, else the paper's)",
+    )
+    p.add_argument("--static", action="store_true", help="fix batch and image size to the example's")
+    p.add_argument("--batch-size", type=int, default=None, help="with --static: the fixed batch [1]")
     p.set_defaults(func=cmd_export)
+
+
+MAX_EXPORT_BATCH = 4096
 
 
 def cmd_export(args) -> int:
     from .errors import ResnetsError
-    from .export import build_for_export, export
+    from .export import check_request, export, load_source, output_files
 
-    size = get_entry(args.name).input_size if args.input_size is None else args.input_size
-    check_input_size(size)
-    check_output_file(args.out, "OUT")
     try:
-        r = export(build_for_export(args.name, args.weights), args.out, args.format, size)
+        fmt = check_request(args.format, args.out, args.static)
     except ResnetsError as exc:
         raise UserError(str(exc)) from None
-    except (RuntimeError, OSError) as exc:  # e.g. an unwritable OUT, an input too small for the net
-        raise UserError(f"cannot export {args.name}: {str(exc).strip().splitlines()[0]}") from None
-    print(f"{args.name}: {r['format']} written to {r['out']} (input {'x'.join(map(str, r['input']))})")
+    check_input_size(args.input_size)
+    if args.batch_size is not None and not args.static:
+        raise UserError("--batch-size fixes the batch of a --static export; a dynamic one takes any batch")
+    if args.batch_size is not None:
+        check_range("--batch-size", args.batch_size, 1, MAX_EXPORT_BATCH)
+    for path in output_files(args.out, fmt):
+        check_output_file(str(path), "OUT")
+    try:
+        model, prep, kind = load_source(args.model, args.weights)
+        r = export(
+            model,
+            args.out,
+            fmt,
+            args.input_size,
+            preprocessing=prep,
+            static=args.static,
+            batch_size=args.batch_size or 1,
+        )
+    except ResnetsError as exc:
+        raise UserError(str(exc)) from None
+    except (RuntimeError, OSError) as exc:  # e.g. an input too small for the net
+        raise UserError(f"cannot export {args.model}: {str(exc).strip().splitlines()[0]}") from None
+    name = prep.model or "model"
+    shape = " x ".join(map(str, r["input"]))
+    print(f"{name}: {fmt} written to {' + '.join(r['files'])} (input {shape}, preprocessing in its metadata)")
+    print(
+        f"checked with {r['runtime']} on a batch of {'x'.join(map(str, r['checked_on']))}: "
+        f"max abs difference from PyTorch {r['max_abs_diff']:.2g}"
+    )
+    if kind == "random":  # after the work, so that a refusal stays one line
+        print(
+            f"warning: {name} has random weights (no --weights given); the export only shows the pipeline",
+            file=sys.stderr,
+        )
     return 0
+
+
+# --- predict ----------------------------------------------------------------------------------
+
+
+def add_predict_parser(sub) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="the top classes of images from a trained model, prepared as its training run's test images",
+        description="Reads the run's model and preprocessing (channels, size, crop, mean/std, class "
+        "names) from its file and prints each image's most probable classes. An unreadable image is "
+        "reported on stderr and the others are still predicted; the exit code is then 1.",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders of them")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN",
+        help="a training run: its folder, model.safetensors or last.ckpt",
+    )
+    p.add_argument("--top", type=int, default=5, help="how many classes per image [5]")
+    p.add_argument("--json", action="store_true", help="one JSON object per image and line (JSON lines)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass [64]")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N [cpu]")
+    p.add_argument("--deploy", action="store_true", help="run resnets.deploy(model): BN folded, compiled")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
+
+MAX_PREDICT_BATCH = 65536
+
+
+def cmd_predict(args) -> int:
+    from tqdm import tqdm
+
+    from .errors import ResnetsError
+    from .predict import image_files, iter_predictions, load_predictor
+
+    check_range("--top", args.top, 1)
+    check_range("--batch-size", args.batch_size, 1, MAX_PREDICT_BATCH)
+    parse_device(args.device)
+    try:
+        model, prep = load_predictor(args.checkpoint, args.device, args.deploy)
+    except ResnetsError as exc:
+        raise UserError(str(exc)) from None
+    files = image_files(args.images)
+    k = min(args.top, prep.num_classes)
+    image_width = max(len("image"), *map(len, files))
+    cell = max(map(len, prep.classes)) + len(" (0.000)")
+    if not args.json:
+        header = ["image".ljust(image_width), *(f"top-{i + 1}".ljust(cell) for i in range(k))]
+        print("  ".join(header).rstrip())
+        print("  ".join("-" * len(h) for h in header))
+    bar = tqdm(total=len(files), unit="image", file=sys.stderr, disable=args.quiet or not sys.stderr.isatty())
+    failed = 0
+    for r in iter_predictions(model, prep, files, args.top, args.batch_size, pad=args.deploy):
+        bar.update(1)
+        if "error" in r:
+            failed += 1
+            bar.write(f"error: {r['error']}", file=sys.stderr)
+        elif args.json:
+            bar.write(json.dumps(r), file=sys.stdout)
+        else:
+            cells = [f"{t['class']} ({t['prob']:.3f})".ljust(cell) for t in r["top"]]
+            bar.write("  ".join([r["image"].ljust(image_width), *cells]).rstrip(), file=sys.stdout)
+    bar.close()
+    if failed:
+        print(f"error: {failed} of {len(files)} images could not be read", file=sys.stderr)
+    return 1 if failed else 0
 
 
 # --- main -------------------------------------------------------------------------------------
@@ -439,6 +566,7 @@ PARSERS = [
     add_analyze_parser,
     add_convert_parser,
     add_export_parser,
+    add_predict_parser,
 ]
 
 

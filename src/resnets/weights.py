@@ -371,7 +371,7 @@ def model_from_weights(source: Source, model_name: str | None = None) -> tuple[R
     """The model a checkpoint holds, built and loaded (strictly), and the layout it was read in.
 
     The model is `model_name` or, failing that, the one the checkpoint records; the number of
-    classes follows the checkpoint's classifier.
+    classes follows the checkpoint's classifier, the input channels its first convolution.
     """
     from .registry import create_model
 
@@ -381,10 +381,14 @@ def model_from_weights(source: Source, model_name: str | None = None) -> tuple[R
     if layout is None:
         raise WeightsError(f"{where} is in no known ResNet layout (first keys: {', '.join(list(state)[:4])})")
     if model_name:
-        fc = to_ours(state, layout, strict=False).get("head.fc.weight")
-        classes = {"num_classes": fc.shape[0]} if fc is not None and fc.ndim >= 1 and fc.shape[0] else {}
+        ours = to_ours(state, layout, strict=False)
+        fc = ours.get("head.fc.weight")
+        sizes = {"num_classes": fc.shape[0]} if fc is not None and fc.ndim >= 1 and fc.shape[0] else {}
+        conv = ours.get("stem.conv.weight", ours.get("stem.conv1.weight"))  # plain or deep stem
+        if conv is not None and conv.ndim == 4 and conv.shape[1]:
+            sizes["in_chans"] = conv.shape[1]
         try:
-            model = create_model(model_name, **classes)
+            model = create_model(model_name, **sizes)
         except (ValueError, TypeError) as exc:
             if isinstance(exc, CheckpointError):
                 raise

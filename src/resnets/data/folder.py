@@ -21,11 +21,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import DataError
 from .augment import Augment, normalize
-from .images import IMAGE_EXTENSIONS, load_rgb
+from .images import IMAGE_EXTENSIONS, load_rgb, resize_center_crop
 from .memory import Batch, epoch_generator, rank_chunks, shard_bounds
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Evaluation resizes the shorter side to size / EVAL_CROP_PCT and keeps the centre (256 -> 224).
+EVAL_CROP_PCT = 0.875
 
 
 def random_resized_box(w: int, h: int, rng: random.Random) -> tuple[int, int, int, int]:
@@ -72,13 +74,7 @@ class _Images(Dataset):
             if self.flip and rng.random() < 0.5:
                 im = im.transpose(Image.FLIP_LEFT_RIGHT)
         else:
-            short = round(s / 0.875)
-            scale = short / min(im.width, im.height)
-            im = im.resize(
-                (max(s, round(im.width * scale)), max(s, round(im.height * scale))), Image.BILINEAR
-            )
-            left, top = (im.width - s) // 2, (im.height - s) // 2
-            im = im.crop((left, top, left + s, top + s))
+            im = resize_center_crop(im, s, EVAL_CROP_PCT)
         arr = np.asarray(im, dtype=np.uint8)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1), label
 

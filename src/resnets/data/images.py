@@ -70,3 +70,18 @@ def load_rgb(path: str | Path):
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         # PIL raises SyntaxError for some malformed headers (e.g. broken PNG chunks).
         raise DataError(f"cannot read image {path}: {str(exc).strip() or type(exc).__name__}") from None
+
+
+def resize_center_crop(im, size: int, crop_pct: float = 1.0):
+    """`im` (a PIL image) with its shorter side resized (bilinear) to `size / crop_pct`, then the
+    centre `size` x `size` square: the test-time transform of the image-folder data (crop_pct
+    0.875) and, with crop_pct 1.0, of the small in-memory sets, whose images are already `size`
+    square and pass through unchanged."""
+    from PIL import Image
+
+    if crop_pct == 1.0 and im.size == (size, size):
+        return im
+    scale = round(size / crop_pct) / min(im.width, im.height)
+    im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.BILINEAR)
+    left, top = (im.width - size) // 2, (im.height - size) // 2
+    return im.crop((left, top, left + size, top + size))

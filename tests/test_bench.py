@@ -131,9 +131,11 @@ def test_bench_deploy_row(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     with pytest.warns(RuntimeWarning, match="compile unavailable"):
-        row = bench_model("resnet20", batch_size=2, input_size=16, deploy=True, **FAST)
+        row = bench_model("resnet20", batch_size=2, input_size=16, deploy=True, backend="inductor", **FAST)
     check_consistent(row)
     assert row["deploy"] is True and row["backend"] == "torchscript" and row["compile_s"] > 0
+    assert row["deploy_report"]["requested"] == "inductor"
+    assert row["deploy_report"]["choices"]["2x3x16x16"]["backend"] == "inductor"
     assert row["deployed_dtype"] == "float32"
     # resnet20 has 11 convs with >= 256 inputs per output; at 16x16, batch 2, each is timed both ways.
     assert row["convs_timed"] == 11 and 0 <= row["convs_as_gemm"] <= 11

@@ -39,6 +39,8 @@ FAMILY_MODELS = [
     ("res2net50_v1b_26w_4s", 64),  # deep stem + avg-down shortcut
     ("iresnet18", 64),  # iResNet basic: start / middle / end, max-pool shortcut
     ("iresnet50", 64),  # iResNet bottleneck
+    ("resgroup50", 64),  # iResNet paper's improved building block: 3x3 groups per stage
+    ("iresgroup50", 64),  # the same in iResNet's positions
 ]
 
 
@@ -353,7 +355,7 @@ def test_compile_failure_falls_back_to_torchscript(monkeypatch):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         want = model(x)
-    fast = deploy(model)
+    fast = deploy(model, backend="inductor")
     assert fast.backend == "pending"
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
         got = fast(x)
@@ -373,7 +375,7 @@ def test_each_deployment_compiles_its_own_entry_point(monkeypatch):
     monkeypatch.setattr(torch, "compile", fake_compile)
     x = torch.randn(1, 3, 32, 32)
     for name in ("resnet20", "resnet20", "preact_resnet110"):
-        fast = deploy(make(name))
+        fast = deploy(make(name), backend="inductor")
         fast(x)
         assert fast.backend == "inductor"
     codes = [fn.__code__ for fn in seen]
@@ -388,7 +390,7 @@ def test_compiled_deploy_matches_eager():
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = model(x)
-    fast = deploy(model)
+    fast = deploy(model, backend="inductor")
     got = fast(x)
     assert fast.backend == "inductor"
     assert (got - want).abs().max().item() <= 1e-4

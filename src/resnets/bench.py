@@ -341,6 +341,7 @@ def bench_model(
     device: str = "cpu",
     mode: str = "eval",
     deploy: bool = False,
+    backend: str = "auto",
     dtype: torch.dtype = torch.float32,
     peers: bool = False,
     peer_dtype: torch.dtype = torch.float32,
@@ -400,13 +401,18 @@ def bench_model(
     run = ours
     if deploy:
         from .deploy import deploy as make_deployed
+        from .engines import BackendUnavailable
 
-        run = make_deployed(ours.eval(), dtype=None if dtype == torch.float32 else dtype)
+        try:
+            run = make_deployed(ours.eval(), dtype=None if dtype == torch.float32 else dtype, backend=backend)
+        except BackendUnavailable as exc:
+            raise BenchError(str(exc)) from None
         t0 = time.perf_counter()
         run(x)  # compiles
         _sync(dev)
         row["compile_s"] = time.perf_counter() - t0
         row["backend"] = run.backend
+        row["deploy_report"] = run.report  # which engines were measured, and why this one
         # What actually ran: deploy keeps float32 where the device has no native bf16/fp16.
         row["deployed_dtype"] = str(run.dtype).removeprefix("torch.")
         # CPU: convs timed at this shape, and how many run as a matrix multiply (resnets.deploy.GemmConv2d).
@@ -579,6 +585,12 @@ def add_bench_arguments(p) -> None:
         "--mode", choices=["eval", "train"], default="eval", help="forward only, or a training step"
     )
     p.add_argument("--deploy", action="store_true", help="time resnets.deploy(model): BN folded, compiled")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "inductor", "openvino", "onnxruntime"],
+        default="auto",
+        help="with --deploy: the engine, or auto (the fastest that agrees with eager) [auto]",
+    )
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="[float32]")
     p.add_argument("--peers", action="store_true", help="time torchvision / timm's same network, interleaved")
     p.add_argument("--peer-dtype", choices=list(DTYPES), default="float32", help="the peer's dtype [float32]")
@@ -616,6 +628,7 @@ def bench_from_args(args) -> dict[str, Any]:
         device=args.device,
         mode=args.mode,
         deploy=args.deploy,
+        backend=args.backend,
         dtype=DTYPES[args.dtype],
         peers=args.peers,
         peer_dtype=DTYPES[args.peer_dtype],

@@ -17,16 +17,30 @@ input shape and keeps the faster (`GemmConv2d`).
 from __future__ import annotations
 
 import copy
+import logging
+import statistics
 import time
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .engines import (
+    BACKENDS,
+    BackendUnavailable,
+    OnnxRuntimeEngine,
+    OpenVinoEngine,
+    calibration_batches,
+    quantize_pt2e,
+    require,
+)
+from .engines import unavailable as unavailable_reason
+
 __all__ = [
+    "BackendUnavailable",
     "Deployed",
     "GemmConv2d",
     "choose_conv_paths",
@@ -186,7 +200,8 @@ class GemmConv2d(nn.Conv2d):
     gemm_shapes: frozenset = frozenset()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape) in self.gemm_shapes:
+        # Exporters that trace (ONNX, OpenVINO) get the plain conv: a traced gather would fix the batch.
+        if self.gemm_shapes and not torch.jit.is_tracing() and tuple(x.shape) in self.gemm_shapes:
             return conv_as_gemm(x, self)
         return super().forward(x)
 
@@ -260,6 +275,12 @@ def choose_conv_paths(
     return chosen
 
 
+def _freezing():
+    import torch._inductor.config
+
+    return torch._inductor.config.patch(freezing=True)
+
+
 class _CompiledOrFrozen:
     """Runs `torch.compile` with inductor freezing; if compiling fails, a frozen TorchScript trace.
 
@@ -267,6 +288,12 @@ class _CompiledOrFrozen:
     and fold what folding left; that, not compile alone, is what makes CPU inference faster.
     Compile failures only show on the first call (no C++ compiler, unsupported Python), so the
     choice is made there, with the first input as the trace example.
+
+    Freezing is switched on in inductor's global config around every call (a call with a new
+    shape compiles again): passed as `torch.compile(options={"freezing": True})` it reaches
+    inductor but not dynamo, which then hands the weights over as graph inputs, so nothing is
+    pre-packed (torch 2.14: plain `convolution` calls instead of oneDNN's fused conv + ReLU / add,
+    and PT2E int8 graphs fail to lower at all).
     """
 
     def __init__(self, model: nn.Module):
@@ -275,9 +302,10 @@ class _CompiledOrFrozen:
         self.backend = "pending"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.compiled is None:
-            self.compiled, self.backend = self._build(x)
-        return self.compiled(x)
+        with _freezing():
+            if self.compiled is None:
+                self.compiled, self.backend = self._build(x)
+            return self.compiled(x)
 
     def _build(self, x: torch.Tensor) -> tuple[Callable, str]:
         model = self.model
@@ -287,7 +315,7 @@ class _CompiledOrFrozen:
 
         try:
             # dynamic=False: one specialised graph per input shape, as a deployed model sees few.
-            compiled = torch.compile(_own_code(forward), dynamic=False, options={"freezing": True})
+            compiled = torch.compile(_own_code(forward), dynamic=False)
             compiled(x)
             return compiled, "inductor"
         except Exception as exc:  # compile has many failure types; each one means "use the fallback"
@@ -308,88 +336,347 @@ def frozen_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.Scr
         return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
 
 
+# auto: the fastest backend must keep fp32 logits within this fraction of their scale (the largest
+# absolute logit, at least 1) of the eager model's, and bf16 / int8 top-1 predictions agree on at
+# least this share of the images compared.
+FP32_TOLERANCE = 1e-4
+MIN_TOP1_AGREEMENT = 0.9
+# auto: after each backend's first two calls, timed rounds go on for this long (at least one).
+AUTO_TIMING_S = 4.0
+AUTO_MAX_ROUNDS = 5
+
+log = logging.getLogger(__name__)
+
+
+def _precision(dtype: torch.dtype | str | None) -> str:
+    """float32, bfloat16, float16 or int8, from a torch dtype or its name."""
+    if dtype is None:
+        return "float32"
+    if isinstance(dtype, torch.dtype):
+        if dtype in (torch.int8, torch.qint8):
+            return "int8"
+        name = str(dtype).removeprefix("torch.")
+    else:
+        name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(dtype, dtype)
+    if name not in ("float32", "bfloat16", "float16", "int8"):
+        raise ValueError(f"unsupported deploy dtype {dtype!r}; expected float32, bfloat16, float16 or int8")
+    return name
+
+
+def _race(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Median seconds per call of each, in interleaved rounds (order alternating) for
+    `AUTO_TIMING_S` or `AUTO_MAX_ROUNDS` rounds, whichever ends first (at least one round)."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    names, start = list(fns), time.perf_counter()
+    for r in range(AUTO_MAX_ROUNDS):
+        for name in names if r % 2 == 0 else reversed(names):
+            t0 = time.perf_counter()
+            fns[name]()
+            samples[name].append(time.perf_counter() - t0)
+        if time.perf_counter() - start > AUTO_TIMING_S:
+            break
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _top1_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.argmax(1) == b.argmax(1)).float().mean().item()
+
+
 class Deployed(nn.Module):
     """An inference-only model: casts the input to the deployed dtype and memory format, no autograd.
 
     The output comes back in the input's dtype, so float32 callers get float32 logits from a bf16
-    model. `.model` is the folded eager network (its `spec` and `name` are copied here).
+    model. `.model` is the folded eager network (its `spec` and `name` are copied here). At the
+    first call with each input shape it builds (and, for `backend="auto"`, measures) the engines;
+    `.choices` holds, per input shape, which backend runs it and why, and `.report` all of it.
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, channels_last: bool, compile: bool):
+    def __init__(
+        self,
+        model: nn.Module,
+        dtype: torch.dtype,
+        channels_last: bool,
+        backends: dict[str, Callable[[], Callable]],
+        *,
+        precision: str = "float32",
+        requested: str = "auto",
+        unavailable: dict[str, str] | None = None,
+        calibration: list[torch.Tensor] | None = None,
+    ):
         super().__init__()
         self.model = model
         self.dtype = dtype
+        self.precision = precision
+        self.requested = requested
         self.channels_last = channels_last
         self.spec, self.name = getattr(model, "spec", None), getattr(model, "name", None)
         # (conv, input shape, runs as matrix multiply) for every conv timed so far; see GemmConv2d.
         self.conv_paths: list[tuple[str, tuple, bool]] = []
-        self.__dict__["_timed_shapes"] = set()
+        # input shape -> {"backend", "why", "first_call_s", "latency_ms", "agreement", ...}
+        self.choices: dict[tuple[int, ...], dict] = {}
+        # backend -> why it could not run here (auto skips it)
+        self.unavailable: dict[str, str] = dict(unavailable or {})
+        # backend -> int8 top-1 agreement with the fp32 model over the calibration batches
+        self.calibration_agreement: dict[str, float] = {}
+        # Not submodules: the engines share `model`'s parameters, which must not be listed twice
+        # in the state dict.
+        self.__dict__["_factories"] = backends
+        self.__dict__["_engines"] = {}
+        self.__dict__["_calibration"] = calibration
         self.__dict__["_time_convs"] = any(isinstance(m, GemmConv2d) for m in model.modules())
-        # Not a submodule: the compiled wrapper shares `model`'s parameters, which must not be
-        # listed twice in the state dict.
-        self.__dict__["_runner"] = _CompiledOrFrozen(model) if compile else None
         self.training = False
 
     @property
     def backend(self) -> str:
-        """eager, inductor, torchscript, or pending (compiled on the first call)."""
-        return "eager" if self._runner is None else self._runner.backend
+        """What ran the latest new input shape: eager, inductor, torchscript (inductor's fallback),
+        openvino or onnxruntime; pending before the first call."""
+        if not self.choices:
+            return "pending"
+        name = next(reversed(self.choices.values()))["backend"]
+        engine = self._engines.get(name)
+        return getattr(engine, "backend", name) if name == "inductor" else name
+
+    @property
+    def report(self) -> dict:
+        """What was asked, what ran each input shape and why, and what could not run (JSON-ready)."""
+        return {
+            "requested": self.requested,
+            "precision": self.precision,
+            "choices": {"x".join(map(str, k)): v for k, v in self.choices.items()},
+            "unavailable": dict(self.unavailable),
+            "calibration_top1_agreement": dict(self.calibration_agreement),
+        }
 
     def train(self, mode: bool = True) -> Deployed:
         if mode:
             raise RuntimeError("a deployed model is inference-only; train the original model")
         return super().train(False)
 
+    def _engine(self, name: str) -> Callable:
+        """The engine `name`, built on first use (int8: calibrated and checked against fp32)."""
+        if name not in self._engines:
+            engine = self._factories[name]()
+            if self.precision == "int8":
+                self.calibration_agreement[name] = self._calibration_top1(engine)
+            self._engines[name] = engine
+        return self._engines[name]
+
+    def _calibration_top1(self, engine: Callable) -> float:
+        hits = n = 0
+        for xb in self._calibration:
+            y = self._cast(xb)
+            hits += _top1_agreement(engine(y), self.model(y)) * len(xb)
+            n += len(xb)
+        return hits / n
+
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
+        fmt = torch.channels_last if self.channels_last and x.ndim == 4 else torch.contiguous_format
+        return x.to(dtype=self.dtype, memory_format=fmt)
+
+    def _first_call(self, name: str, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+        t0 = time.perf_counter()
+        engine = self._engine(name)
+        prepare = getattr(engine, "prepare", None)
+        if prepare is not None:
+            prepare(y.shape)
+        out = engine(y)
+        return out, time.perf_counter() - t0
+
+    def _choose(self, y: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """Build the engines for `y`'s shape; with several candidates, measure them and keep the
+        fastest whose outputs agree with the eager model. Returns the record and `y`'s output."""
+        names = list(self._factories)
+        if len(names) == 1:
+            out, first = self._first_call(names[0], y)
+            record = {"backend": names[0], "why": "asked for", "first_call_s": {names[0]: round(first, 2)}}
+            if self.precision == "int8":
+                record["calibration_top1_agreement"] = self.calibration_agreement.get(names[0])
+            return record, out
+        ref = self.model(y)
+        scale = max(1.0, ref.float().abs().max().item())
+        outs, first, agreement, skipped = {}, {}, {}, {}
+        for name in names:
+            try:
+                outs[name], first[name] = self._first_call(name, y)
+            except BackendUnavailable as exc:  # e.g. a shape this engine does not take
+                skipped[name] = str(exc)
+                continue
+            if self.precision == "float32":
+                agreement[name] = (outs[name].float() - ref.float()).abs().max().item() / scale
+            elif self.precision == "int8":
+                agreement[name] = self.calibration_agreement[name]
+            else:
+                agreement[name] = _top1_agreement(outs[name], ref)
+        if self.precision == "float32":
+            ok = [n for n in outs if agreement[n] <= FP32_TOLERANCE]
+        else:
+            ok = [n for n in outs if agreement[n] >= MIN_TOP1_AGREEMENT]
+        for name in ok:  # a second call each: oneDNN and OpenVINO settle their kernels on it
+            self._engines[name](y)
+        seconds = _race({n: (lambda e=self._engines[n]: e(y)) for n in ok}) if len(ok) > 1 else {}
+        if ok:
+            best = min(ok, key=lambda n: seconds.get(n, 0.0))
+            measure = "max abs logit diff / scale" if self.precision == "float32" else "top-1 agreement"
+            others = ", ".join(f"{n} {seconds[n] * 1e3:.1f} ms" for n in ok if n != best)
+            why = (
+                f"fastest that agrees ({measure} {agreement[best]:.3g})"
+                if seconds
+                else "the only one that agrees"
+            )
+            if others:
+                why += f"; {best} {seconds[best] * 1e3:.1f} ms against {others}"
+        else:
+            if self.precision == "float32" or not outs:
+                best, why = "eager", "no backend agreed with the eager model"
+                outs[best] = ref
+            else:
+                best = max(outs, key=lambda n: agreement[n])
+                why = f"none reached {MIN_TOP1_AGREEMENT:.0%} top-1 agreement; the closest"
+            warnings.warn(f"deploy(backend='auto'): {why}; using {best}", RuntimeWarning, stacklevel=4)
+            if best == "eager" and "eager" not in self._engines:
+                self._engines["eager"] = self.model
+        rejected = [n for n in outs if n not in ok and n != best]
+        if rejected:
+            why += "; outputs too far off: " + ", ".join(f"{n} ({agreement[n]:.3g})" for n in rejected)
+        if self.unavailable or skipped:
+            why += "; not available: " + "; ".join(
+                f"{k}: {v}" for k, v in {**self.unavailable, **skipped}.items()
+            )
+        record = {
+            "backend": best,
+            "why": why,
+            "first_call_s": {k: round(v, 2) for k, v in first.items()},
+            "latency_ms": {k: round(v * 1e3, 3) for k, v in seconds.items()},
+            ("max_abs_diff_over_scale" if self.precision == "float32" else "top1_agreement"): agreement,
+        }
+        log.info("deploy auto, input %s: %s (%s)", "x".join(map(str, y.shape)), best, why)
+        return record, outs[best]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            fmt = torch.channels_last if self.channels_last and x.ndim == 4 else torch.contiguous_format
-            y = x.to(dtype=self.dtype, memory_format=fmt)
-            if self._time_convs and tuple(y.shape) not in self._timed_shapes:
-                # Before compiling for this shape, so the graph is traced with the chosen paths.
-                self.conv_paths += choose_conv_paths(self.model, y)
-                self._timed_shapes.add(tuple(y.shape))
-            out = self.model(y) if self._runner is None else self._runner(y)
+            y = self._cast(x)
+            shape = tuple(y.shape)
+            if shape in self.choices:
+                out = self._engines[self.choices[shape]["backend"]](y)
+            else:
+                if self._time_convs:
+                    # Before compiling for this shape, so the graph is traced with the chosen paths.
+                    self.conv_paths += choose_conv_paths(self.model, y)
+                self.choices[shape], out = self._choose(y)
             return out.to(x.dtype) if x.is_floating_point() else out
+
+
+def _backend_factories(
+    net: nn.Module, names: Sequence[str], precision: str, calibration: list[torch.Tensor] | None
+) -> dict[str, Callable[[], Callable]]:
+    """name -> a function that builds that engine on `net` (called at its first use)."""
+
+    def inductor() -> Callable:
+        return _CompiledOrFrozen(quantize_pt2e(net, calibration) if precision == "int8" else net)
+
+    def eager() -> Callable:
+        return quantize_pt2e(net, calibration) if precision == "int8" else net
+
+    def openvino() -> Callable:
+        return OpenVinoEngine(net, precision, torch.get_num_threads(), calibration)
+
+    def onnxruntime() -> Callable:
+        return OnnxRuntimeEngine(net, torch.get_num_threads())
+
+    known = {"inductor": inductor, "eager": eager, "openvino": openvino, "onnxruntime": onnxruntime}
+    return {n: known[n] for n in names}
 
 
 def deploy(
     model: nn.Module,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
+    backend: str = "auto",
+    calibration: Iterable | None = None,
     channels_last: bool = True,
     compile: bool = True,
     conv_gemm: bool = True,
 ) -> Deployed:
-    """An inference-ready copy of `model`: BN folded, channels-last, compiled, optionally bf16/fp16.
+    """An inference-ready copy of `model`: BN folded, channels-last, compiled, optionally bf16/fp16/int8.
+
+    `backend`: "inductor" (torch.compile with freezing), "openvino", "onnxruntime" (CPU), or
+    "auto" (default): at the first call with each input shape, every backend installed here is
+    built and timed on that input, and the fastest whose outputs agree with the eager model is
+    kept (fp32: max abs logit difference <= `FP32_TOLERANCE` of the logits' scale; bf16 / int8:
+    top-1 agreement >= `MIN_TOP1_AGREEMENT`); `Deployed.choices` records the choice and why.
+    Without OpenVINO and onnxruntime, auto is inductor. A backend asked for by name that cannot
+    run here raises `BackendUnavailable` naming the extra to install.
 
     In float32 its outputs match the original's (eval mode) to float rounding. `dtype=torch.bfloat16`
     (or float16) casts the weights; where the device has no native support for it, a warning is
-    given and the model stays float32. Compilation happens on the first call (seconds to minutes);
-    if `torch.compile` is unavailable it falls back to a frozen TorchScript trace.
+    given and the model stays float32. `dtype="int8"` quantizes after training (static, per-channel
+    int8 weights, activation ranges from `calibration`, an iterable of input batches or (input,
+    label) pairs): NNCF for openvino, PT2E's X86InductorQuantizer for inductor; the top-1
+    agreement with the fp32 model on the calibration batches is in `Deployed.calibration_agreement`.
+    Compilation happens on the first call (seconds to minutes); if `torch.compile` fails, inductor
+    falls back to a frozen TorchScript trace. `compile=False` runs the folded model eagerly (int8:
+    the quantized graph, uncompiled), whatever `backend` says.
 
-    `conv_gemm` (CPU, channels-last): at the first call with each input shape, convs with at
-    most `MAX_GEMM_ROWS` output rows and at least `MIN_GEMM_DEPTH` inputs per output are timed
-    as a conv kernel and as a matrix multiply over gathered patches, and run the faster way from
-    then on (`Deployed.conv_paths` lists the choices). It changes outputs only by float rounding.
+    `conv_gemm` (CPU, channels-last, inductor and eager): at the first call with each input
+    shape, convs with at most `MAX_GEMM_ROWS` output rows and at least `MIN_GEMM_DEPTH` inputs per
+    output are timed as a conv kernel and as a matrix multiply over gathered patches, and run the
+    faster way from then on (`Deployed.conv_paths` lists the choices). It changes outputs only by
+    float rounding.
     """
+    precision = _precision(dtype)
     net = copy.deepcopy(model).eval()
     fold_batchnorm(net)
     net.requires_grad_(False)
     device, param_dtype = _param_device_dtype(net)
-    if dtype is not None and dtype != param_dtype:
-        if low_precision_supported(dtype, device):
-            net.to(dtype)
+    if precision in ("bfloat16", "float16") and getattr(torch, precision) != param_dtype:
+        if low_precision_supported(getattr(torch, precision), device):
+            net.to(getattr(torch, precision))
         else:
             warnings.warn(
-                f"{dtype} is not supported natively on this {device.type}; the deployed model stays "
+                f"{precision} is not supported natively on this {device.type}; the deployed model stays "
                 f"{param_dtype}",
                 RuntimeWarning,
                 stacklevel=2,
             )
+            precision = str(param_dtype).removeprefix("torch.")
+    calib = None
+    if precision == "int8":
+        if calibration is None:
+            raise ValueError("dtype='int8' needs calibration=batches: a few batches of typical inputs")
+        calib = calibration_batches(calibration)
+    unavailable: dict[str, str] = {}
+    if not compile:
+        names = ["eager"]
+        if precision == "int8":
+            require("inductor", precision, device)  # the PT2E flow is what runs it
+    elif backend == "auto":
+        names = []
+        for name in BACKENDS:
+            why = unavailable_reason(name, precision, device)
+            if why is None:
+                names.append(name)
+            else:
+                unavailable[name] = why
+        if not names:
+            raise BackendUnavailable("; ".join(unavailable.values()))
+        if unavailable:
+            log.info("deploy auto: %s", "; ".join(f"{k} skipped ({v})" for k, v in unavailable.items()))
+    else:
+        require(backend, precision, device)
+        names = [backend]
     if channels_last:
         net.to(memory_format=torch.channels_last)
-        if conv_gemm and device.type == "cpu":
+        if conv_gemm and device.type == "cpu" and precision != "int8" and {"inductor", "eager"} & set(names):
             for module in net.modules():
                 if _gemm_capable(module):
                     module.__class__ = GemmConv2d  # same parameters and state dict, one more path
-    return Deployed(net, _param_device_dtype(net)[1], channels_last, compile)
+    return Deployed(
+        net,
+        _param_device_dtype(net)[1],
+        channels_last,
+        _backend_factories(net, names, precision, calib),
+        precision=precision,
+        requested=backend if compile else "eager",
+        unavailable=unavailable,
+        calibration=calib,
+    )

@@ -33,24 +33,22 @@ from typing import Any
 import torch
 
 from resnets import create_model, deploy
-from resnets.bench import build_peer, count_work, machine_info, peer_of, share_weights, time_interleaved
+from resnets.bench import (
+    build_peer,
+    count_work,
+    machine_info,
+    peer_of,
+    quartiles,
+    share_weights,
+    time_interleaved,
+)
 
 NETS = ["resnet50", "resnext50_32x4d", "wide_resnet50_2", "res2net50_26w_4s", "preact_resnet50", "iresnet50"]
 ENGINES = ["inductor", "openvino", "onnxruntime", "auto"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
-
-def matmul_peak(dtype=torch.float32, n: int = 2048) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(5))
-    return 2 * n**3 / best / 1e9
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import matmul_peak  # noqa: E402  (the same fp32 matmul ceiling as the speed benchmark)
 
 
 def bench_net(name: str, batch: int, size: int, peak: float, max_seconds: float) -> dict[str, Any]:
@@ -114,9 +112,7 @@ def bench_net(name: str, batch: int, size: int, peak: float, max_seconds: float)
     for n, s in zip(names, samples):
         entry = row["engines"].setdefault(n, {})
         entry["ms"] = round(med[n] * 1e3, 3)
-        entry["ms_iqr"] = (
-            [round(v * 1e3, 3) for v in statistics.quantiles(s, n=4)[::2]] if len(s) > 1 else None
-        )
+        entry["ms_iqr"] = [round(v * 1e3, 3) for v in quartiles(s)[::2]]
         entry["rounds"] = len(s)
         entry["speedup_over_peer_eager"] = round(med[ref_name] / med[n], 3)
         entry["gflops"] = round(2 * macs * batch / med[n] / 1e9, 1)
@@ -202,8 +198,7 @@ def main(argv=None) -> None:
     p.add_argument("--data-dir", default="data/cifar10-jpeg")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
-    peak = matmul_peak()
+    peak = matmul_peak(torch.device("cpu"), [torch.float32], 2048, 5)["float32"]
     report: dict[str, Any] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["benchmarks/engines.py", *(argv if argv is not None else sys.argv[1:])]),

@@ -363,19 +363,15 @@ def _precision(dtype: torch.dtype | str | None) -> str:
     return name
 
 
-def _race(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
+def _race(fns: dict[str, Callable[[], object]], device: torch.device) -> dict[str, float]:
     """Median seconds per call of each, in interleaved rounds (order alternating) for
     `AUTO_TIMING_S` or `AUTO_MAX_ROUNDS` rounds, whichever ends first (at least one round)."""
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    names, start = list(fns), time.perf_counter()
-    for r in range(AUTO_MAX_ROUNDS):
-        for name in names if r % 2 == 0 else reversed(names):
-            t0 = time.perf_counter()
-            fns[name]()
-            samples[name].append(time.perf_counter() - t0)
-        if time.perf_counter() - start > AUTO_TIMING_S:
-            break
-    return {k: statistics.median(v) for k, v in samples.items()}
+    from .bench import time_interleaved
+
+    samples = time_interleaved(
+        list(fns.values()), device, min_repeats=1, max_repeats=AUTO_MAX_ROUNDS, max_seconds=AUTO_TIMING_S
+    )
+    return {k: statistics.median(v) for k, v in zip(fns, samples)}
 
 
 def _top1_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -513,7 +509,7 @@ class Deployed(nn.Module):
             ok = [n for n in outs if agreement[n] >= MIN_TOP1_AGREEMENT]
         for name in ok:  # a second call each: oneDNN and OpenVINO settle their kernels on it
             self._engines[name](y)
-        seconds = _race({n: (lambda e=self._engines[n]: e(y)) for n in ok}) if len(ok) > 1 else {}
+        seconds = _race({n: (lambda e=self._engines[n]: e(y)) for n in ok}, y.device) if len(ok) > 1 else {}
         if ok:
             best = min(ok, key=lambda n: seconds.get(n, 0.0))
             measure = "max abs logit diff / scale" if self.precision == "float32" else "top-1 agreement"

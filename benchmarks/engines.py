@@ -3,9 +3,11 @@
 For each network and batch size: the peer's eager model (torchvision / timm, float32), and
 `resnets.deploy` with backend inductor, openvino, onnxruntime and auto, all on the same weights
 and the same input. Timings are medians of interleaved rounds (`resnets.bench.time_interleaved`),
-reported as speed-ups over the peer's eager float32; each engine's max abs logit difference from
-the eager model, its first-call (build / compile / measure) time and its achieved GFLOP/s against
-a large fp32 matmul timed in the same process are recorded beside it. `auto` builds its own
+each timed call after two untimed ones (other engines' spinning threads would bill it
+otherwise), reported as speed-ups over the peer's eager float32 (ours where no peer exists);
+each engine's max abs logit difference from the eager model, its first-call (build / compile /
+measure) time and its achieved GFLOP/s against a large fp32 matmul timed in the same process are
+recorded beside it. `auto` builds its own
 engines, so its first call is the sum of theirs plus the race.
 
 `--int8 RUN` (a `resnets train` run on CIFAR-10, e.g. a degradation study's resnet20): int8
@@ -43,8 +45,19 @@ from resnets.bench import (
     time_interleaved,
 )
 
-NETS = ["resnet50", "resnext50_32x4d", "wide_resnet50_2", "res2net50_26w_4s", "preact_resnet50", "iresnet50"]
+NETS = [
+    "resnet50",
+    "resnext50_32x4d",
+    "wide_resnet50_2",
+    "res2net50_26w_4s",
+    "preact_resnet50",
+    "iresnet50",
+    "iresgroup50",
+]
 ENGINES = ["inductor", "openvino", "onnxruntime", "auto"]
+# Untimed calls before each timed one: the previous engine's threads (OpenMP, TBB, onnxruntime)
+# spin on after its call and would otherwise bill the next engine (see bench.time_interleaved).
+SETTLE = 2
 RESULTS = Path(__file__).resolve().parent / "results"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -106,7 +119,9 @@ def bench_net(name: str, batch: int, size: int, peak: float, max_seconds: float)
         names.append(engine)
         print(f"  {name} b{batch} {engine}: built in {first:.1f} s ({fast.backend})", flush=True)
     with torch.inference_mode():
-        samples = time_interleaved(fns, torch.device("cpu"), min_repeats=5, max_seconds=max_seconds)
+        samples = time_interleaved(
+            fns, torch.device("cpu"), min_repeats=5, max_seconds=max_seconds, settle=SETTLE
+        )
     ref_name = "peer_eager" if peer is not None else "ours_eager"
     med = {n: statistics.median(s) for n, s in zip(names, samples)}
     for n, s in zip(names, samples):
@@ -165,7 +180,10 @@ def bench_int8(run: Path, data_dir: str, max_seconds: float) -> dict[str, Any]:
     for d in deployed.values():
         d(x)  # build the batch-16 engines before timing
     samples = time_interleaved(
-        [lambda d=d: d(x) for d in deployed.values()], torch.device("cpu"), max_seconds=max_seconds
+        [lambda d=d: d(x) for d in deployed.values()],
+        torch.device("cpu"),
+        max_seconds=max_seconds,
+        settle=SETTLE,
     )
     med = {k: statistics.median(s) for k, s in zip(deployed, samples)}
     return {

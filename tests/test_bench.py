@@ -149,6 +149,28 @@ def test_interleaving_alternates_the_order_and_respects_min_repeats():
     assert [len(s) for s in samples] == [4, 4]
 
 
+def test_settling_calls_run_before_each_timed_call_and_are_not_timed():
+    calls = []
+    fns = [lambda: calls.append("a"), lambda: calls.append("b")]
+    samples = time_interleaved(fns, torch.device("cpu"), min_repeats=2, rel_spread=math.inf, settle=2)
+    assert calls == ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3
+    assert [len(s) for s in samples] == [2, 2]
+
+
+def test_a_settled_call_is_timed_without_its_settling_calls():
+    import time
+
+    slow_first = {"n": 0}
+
+    def fn():  # the first call of each turn (a settling one) is slow, the timed one fast
+        slow_first["n"] += 1
+        if slow_first["n"] % 2 == 1:
+            time.sleep(0.2)
+
+    samples = time_interleaved([fn], torch.device("cpu"), min_repeats=3, max_repeats=3, settle=1)
+    assert max(samples[0]) < 0.1  # a timed call that included its settling call would take >= 0.2 s
+
+
 def test_interleaving_stops_at_max_repeats():
     samples = time_interleaved([lambda: None], torch.device("cpu"), max_repeats=7, rel_spread=-1.0)
     assert len(samples[0]) == 7

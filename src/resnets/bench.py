@@ -241,13 +241,24 @@ def time_interleaved(
     max_repeats: int = 200,
     max_seconds: float = 30.0,
     rel_spread: float = 0.05,
+    settle: int = 0,
 ) -> list[list[float]]:
-    """Seconds per call of each function, one call of each per round, order alternating by round."""
+    """Seconds per call of each function, one timed call of each per round, order alternating by round.
+
+    `settle` untimed calls precede each timed one. Engines with their own thread pools (OpenMP,
+    OpenVINO's TBB, onnxruntime) keep spinning for a while after a call; on a machine with few
+    cores that steals the next function's cores, so without settling calls the timed call pays for
+    whatever ran before it (2-core EPYC, resnet50 at batch 1 on inductor: 127 ms right after
+    OpenVINO and onnxruntime calls, 79 ms alone; within a few percent of alone after 2 settling
+    calls).
+    """
     samples: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
     for r in range(max_repeats):
         order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
         for i in order:
+            for _ in range(settle):
+                fns[i]()
             _sync(device)
             t0 = time.perf_counter()
             fns[i]()

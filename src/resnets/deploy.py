@@ -365,11 +365,17 @@ def _precision(dtype: torch.dtype | str | None) -> str:
 
 def _race(fns: dict[str, Callable[[], object]], device: torch.device) -> dict[str, float]:
     """Median seconds per call of each, in interleaved rounds (order alternating) for
-    `AUTO_TIMING_S` or `AUTO_MAX_ROUNDS` rounds, whichever ends first (at least one round)."""
+    `AUTO_TIMING_S` or `AUTO_MAX_ROUNDS` rounds, whichever ends first (at least one round); each
+    timed call follows an untimed one, so it does not pay for the previous engine's spinning threads."""
     from .bench import time_interleaved
 
     samples = time_interleaved(
-        list(fns.values()), device, min_repeats=1, max_repeats=AUTO_MAX_ROUNDS, max_seconds=AUTO_TIMING_S
+        list(fns.values()),
+        device,
+        min_repeats=1,
+        max_repeats=AUTO_MAX_ROUNDS,
+        max_seconds=AUTO_TIMING_S,
+        settle=1,
     )
     return {k: statistics.median(v) for k, v in zip(fns, samples)}
 

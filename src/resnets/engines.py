@@ -277,9 +277,34 @@ def _one_partition_per_call(gm: torch.fx.GraphModule) -> None:
             node.meta["source_fn_stack"] = [(f"{fqn}/{node.name}", cls)]
 
 
+def _has_vnni() -> bool:
+    probe = getattr(torch.cpu, "_is_vnni_supported", None)
+    return bool(probe()) if probe is not None else True
+
+
+def _x86_config(x86):
+    """X86InductorQuantizer's default config; on a CPU without VNNI, activations get 7 bits.
+
+    Without VNNI, oneDNN's u8 x s8 convolutions multiply-add pairs into int16 (AVX2
+    `vpmaddubsw`), which saturates when both operands use their full range (2 x 255 x 127 >
+    32767). Halving the activations' range keeps every pair in range, as fbgemm's `reduce_range`
+    does. Measured on a 2-core AVX2 EPYC, CIFAR-10 ResNet-20, 10,000 test images: top-1
+    agreement with fp32 91.2% with 8-bit activations once inductor lowers the graph (99.0% for the
+    same graph run eagerly), 98.5% with 7 bits, lowered or not.
+    """
+    from dataclasses import replace
+
+    config = x86.get_default_x86_inductor_quantization_config()
+    if _has_vnni():
+        return config
+    act = replace(config.input_activation, quant_min=0, quant_max=127)
+    return replace(config, input_activation=act)
+
+
 def quantize_pt2e(net: nn.Module, calibration: list[torch.Tensor]) -> nn.Module:
     """`net` (folded, eval) as a PT2E int8 graph: symmetric per-channel int8 weights, uint8
-    activations with ranges observed on `calibration` (X86InductorQuantizer's defaults)."""
+    activations with ranges observed on `calibration` (X86InductorQuantizer's defaults; 7-bit
+    activations on a CPU without VNNI, see `_x86_config`)."""
     missing = _int8_inductor_missing()
     if missing:
         raise BackendUnavailable(missing)
@@ -292,7 +317,7 @@ def quantize_pt2e(net: nn.Module, calibration: list[torch.Tensor]) -> nn.Module:
         gm = exported.run_decompositions({}).module()
         _one_partition_per_call(gm)
         quantizer = x86.X86InductorQuantizer()
-        quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
+        quantizer.set_global(_x86_config(x86))
         prepared = prepare_pt2e(gm, quantizer)
         for x in calibration:
             prepared(x)

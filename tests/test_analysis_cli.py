@@ -34,6 +34,20 @@ def test_signal_on_one_model(tmp_path, capsys):
     assert len(json.loads((tmp_path / "signal.json").read_text())["models"]["resnet20"]["init"]["mean"]) == 10
 
 
+def test_signal_depth_sweep(tmp_path, capsys):
+    argv = ["analyze", "signal", "--depths", "20", "--batch-size", "2", "--input-size", "16"]
+    code, out, _ = run(capsys, *argv, "--out", str(tmp_path))
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split()[:3] == ["model", "weights", "depth"]
+    # Only the sweep: no default 110-layer nets when --depths is given without --model.
+    assert [ln.split()[:3] for ln in lines[2:5]] == [
+        ["resnet20", "init", "20"], ["preact_resnet20", "init", "20"], ["iresnet20_cifar", "init", "20"],
+    ]  # fmt: skip
+    saved = json.loads((tmp_path / "signal.json").read_text())
+    assert saved["depths"] == [20] and len(saved["models"]) == 3
+    assert saved["models"]["iresnet20_cifar"]["init"]["stage"] == [-1, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
@@ -44,6 +58,11 @@ def test_signal_on_one_model(tmp_path, capsys):
         (["lesion", "--checkpoint", "no/such/run"], "does not exist"),
         (["gradcam", "--model", "resnet20", "--image", "no/such.png"], "does not exist"),
         (["bogus"], "invalid choice"),
+        (
+            ["signal", "--depths", "20", "21"],
+            "a CIFAR depth is 6n+2 with n >= 1 (8, 14, 20, 26, ...); got 21",
+        ),
+        (["signal", "--depths", "twenty"], "invalid int value"),
     ],
 )
 def test_mistakes_are_one_error_line(tmp_path, capsys, argv, message):

@@ -65,6 +65,14 @@ def add_study_parsers(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="training runs (folder or model.safetensors): trained and init",
     )
+    p.add_argument(
+        "--depths",
+        nargs="+",
+        type=int,
+        default=[],
+        help="depth sweep: CIFAR v1, v2 and iResNet nets of these depths (6n+2, e.g. 20 56 110 218); "
+        "without --model, the sweep replaces the default models",
+    )
     p.add_argument("--batch-size", type=_positive, default=32)
     p.add_argument("--input-size", type=_size, default=None, help="default: each model's own (32 CIFAR, 224)")
     _common(p)
@@ -109,11 +117,33 @@ def add_study_parsers(parser: argparse.ArgumentParser) -> None:
     )
     _common(p)
 
-    p = sub.add_parser("lesion", help="accuracy with each residual block removed; branch / shortcut ratio")
+    def _non_negative(value: str) -> int:  # for --max-removed
+        n = int(value)
+        if n < 0:
+            raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+        return n
+
+    p = sub.add_parser(
+        "lesion",
+        help="accuracy with each residual block removed, and with k random ones at once; "
+        "branch / shortcut ratio",
+    )
     p.add_argument("--checkpoint", required=True, help="a training run (folder or model.safetensors)")
     p.add_argument("--data-dir", default=DEFAULT_DATA, help=f"CIFAR-10 folder (default {DEFAULT_DATA})")
     p.add_argument(
         "--num-test", type=int, default=1000, help="test images (fixed random subset; 0 = all 10000)"
+    )
+    p.add_argument(
+        "--max-removed",
+        type=_non_negative,
+        default=3,
+        help="remove k = 1..N random identity blocks at once (default 3; 0 = skip)",
+    )
+    p.add_argument(
+        "--samples",
+        type=_positive,
+        default=20,
+        help="random subsets of blocks per k, drawn with --seed (default 20; all if fewer exist)",
     )
     _common(p)
 
@@ -155,9 +185,12 @@ def _degradation(args: argparse.Namespace) -> dict:
 def _signal(args: argparse.Namespace) -> dict:
     from .signal_propagation import DEFAULT_MODELS, signal
 
-    # With checkpoints only, the defaults are not added: the user asked about their own nets.
-    models = args.model if args.model is not None else ([] if args.checkpoint else list(DEFAULT_MODELS))
-    return signal(models, args.checkpoint, args.batch_size, args.input_size, args.seed, args.out)
+    # With checkpoints or a depth sweep, the defaults are not added: the user asked about those nets.
+    asked = args.checkpoint or args.depths
+    models = args.model if args.model is not None else ([] if asked else list(DEFAULT_MODELS))
+    return signal(
+        models, args.checkpoint, args.batch_size, args.input_size, args.seed, args.out, depths=args.depths
+    )
 
 
 def _receptive_field(args: argparse.Namespace) -> dict:
@@ -194,7 +227,15 @@ def _gradcam(args: argparse.Namespace) -> dict:
 def _lesion(args: argparse.Namespace) -> dict:
     from .lesioning import lesion
 
-    return lesion(args.checkpoint, args.data_dir, args.num_test, out_dir=args.out)
+    return lesion(
+        args.checkpoint,
+        args.data_dir,
+        args.num_test,
+        out_dir=args.out,
+        max_removed=args.max_removed,
+        samples=args.samples,
+        seed=args.seed,
+    )
 
 
 # study -> (runner, module whose `table(result)` formats the printout)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import ResnetsError
-from ..models import FAMILIES, block_family
+from ..models import ENTRIES, FAMILIES, block_family
 from ..models.net import NetSpec, ResNet
 from ..registry import create_model, get_entry
 
@@ -80,12 +82,61 @@ def colours_for(names: list[str], families: list[str]) -> dict[str, tuple[float,
     return out
 
 
-def build_model(name: str, **overrides) -> ResNet:
-    """A registered model, or one of the analysis-only specs in EXTRA_SPECS."""
-    if name in EXTRA_SPECS:
-        from dataclasses import replace
+# CIFAR nets of any depth 6n+2 (n blocks of two 3x3 convs per stage, plus the stem conv and the
+# classifier), one per family compared by the signal study: the spec of the family's 110-layer
+# net with (n, n, n) blocks. v1 and v2 are resnet110 and preact_resnet110 of the registry
+# (resnet20 ... resnet1202 are this v1 spec at their depths); iResNet is iresnet110_cifar above.
+CIFAR_FAMILIES: dict[str, str] = {"v1": "resnet110", "v2": "preact_resnet110", "iresnet": "iresnet110_cifar"}
+# Model names of the depth sweep, per family; "{d}" is the depth.
+CIFAR_NAMES: dict[str, str] = {"v1": "resnet{d}", "v2": "preact_resnet{d}", "iresnet": "iresnet{d}_cifar"}
+# The names build_model builds from cifar_depth_spec when the registry does not have them. v1 and
+# v2 also take a "_cifar" suffix, for depths whose plain name is a registered ImageNet net
+# (resnet50, resnet152, resnet200, preact_resnet50, preact_resnet200 are all 6n+2).
+_CIFAR_NAME = re.compile(r"(?P<family>resnet|preact_resnet|iresnet)(?P<depth>\d+)(?P<cifar>_cifar)?")
+_FAMILY_OF_PREFIX = {"resnet": "v1", "preact_resnet": "v2", "iresnet": "iresnet"}
 
+
+def cifar_depth_spec(family: str, depth: int) -> NetSpec:
+    """The CIFAR net of `family` ("v1", "v2" or "iresnet") with `depth` = 6n+2 layers: (n, n, n) blocks."""
+    if family not in CIFAR_FAMILIES:
+        raise StudyError(f"unknown family {family!r}; known: {', '.join(CIFAR_FAMILIES)}")
+    n = (depth - 2) // 6
+    if isinstance(depth, bool) or not isinstance(depth, int) or n < 1 or 6 * n + 2 != depth:
+        raise StudyError(f"a CIFAR depth is 6n+2 with n >= 1 (8, 14, 20, 26, ...); got {depth}")
+    base = CIFAR_FAMILIES[family]
+    spec = EXTRA_SPECS[base] if base in EXTRA_SPECS else get_entry(base).spec
+    return replace(spec, depths=(n,) * len(spec.depths))
+
+
+def cifar_depth_name(family: str, depth: int) -> str:
+    """The sweep's name of cifar_depth_spec(family, depth); build_model(name) builds exactly that net.
+
+    "resnet{d}" / "preact_resnet{d}" / "iresnet{d}_cifar", except where the plain name is a
+    registered net of another design (resnet50 is the ImageNet one): then "<name>_cifar".
+    """
+    spec = cifar_depth_spec(family, depth)
+    name = CIFAR_NAMES[family].format(d=depth)
+    if name in ENTRIES and get_entry(name).spec != spec:
+        name += "_cifar"
+    return name
+
+
+def build_model(name: str, **overrides) -> ResNet:
+    """A registered model, one of the analysis-only specs in EXTRA_SPECS, or a CIFAR net of the
+    depth sweep that the registry lacks ("resnet218", "preact_resnet56", "iresnet20_cifar"; see
+    cifar_depth_spec). A registered name always builds the registry's model."""
+    if name in EXTRA_SPECS:
         return ResNet(replace(EXTRA_SPECS[name], **overrides), name=name)
+    match = None if name in ENTRIES else _CIFAR_NAME.fullmatch(name)
+    # iResNet needs the suffix: iresnet{d} without it are the registry's ImageNet nets.
+    if match and (match["cifar"] or match["family"] != "iresnet"):
+        family, depth = _FAMILY_OF_PREFIX[match["family"]], int(match["depth"])
+        try:
+            spec = cifar_depth_spec(family, depth)
+        except StudyError:
+            spec = None  # not 6n+2: the registry's "unknown model, did you mean" is the better error
+        if spec is not None:
+            return ResNet(replace(spec, **overrides), name=name)
     return create_model(name, **overrides)
 
 

@@ -3,6 +3,8 @@
 Remove one residual block at a time, keeping only its shortcut, and measure test accuracy; and
 measure per block how large the residual branch is next to the shortcut. If most blocks of a
 deep thin net contribute little, most lesions cost little accuracy and most ratios are small.
+Then (Veit et al. 2016, Fig. 5) remove k random identity blocks at once, k = 1, 2, 3, ...: if
+the net behaves like an ensemble of many paths, accuracy falls smoothly with k, not abruptly.
 
 Every residual block of the library applies its `drop_path` module to the residual branch right
 before the add, so a forward hook that turns that module's output into zeros removes exactly the
@@ -12,6 +14,10 @@ branch and nothing else (any BN-ReLU after the add, as in v1 and iResNet end blo
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
+import random
+import statistics
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +32,13 @@ def has_branch_and_shortcut(block: nn.Module) -> bool:
     return getattr(block, "shortcut", None) is not None and isinstance(
         getattr(block, "drop_path", None), nn.Module
     )
+
+
+def has_identity_shortcut(block: nn.Module) -> bool:
+    """A residual block whose shortcut is the identity: it keeps the shape (no stride, no new
+    channels) and its shortcut is `nn.Identity` (layers.make_shortcut builds that wherever the
+    shape is unchanged and the kind is not "C", which projects everywhere)."""
+    return has_branch_and_shortcut(block) and isinstance(block.shortcut, nn.Identity)
 
 
 @contextlib.contextmanager
@@ -116,16 +129,87 @@ def lesion_accuracies(model: nn.Module, batches) -> tuple[float, dict[str, float
     return base, per_block
 
 
+def identity_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """("stage.index", block) for every block with an identity shortcut, in forward order."""
+    return [(label, block) for label, block in residual_blocks(model) if has_identity_shortcut(block)]
+
+
+def _subsets(n: int, k: int, samples: int, rng: random.Random) -> list[tuple[int, ...]]:
+    """`samples` distinct k-subsets of range(n) (each sorted), or all C(n, k) of them if fewer."""
+    if math.comb(n, k) <= samples:
+        return list(itertools.combinations(range(n), k))
+    seen: set[tuple[int, ...]] = set()
+    out = []
+    while len(out) < samples:  # terminates: there are more than `samples` distinct subsets
+        subset = tuple(sorted(rng.sample(range(n), k)))
+        if subset not in seen:
+            seen.add(subset)
+            out.append(subset)
+    return out
+
+
+def lesion_k(model: nn.Module, batches, max_removed: int = 3, samples: int = 20, seed: int = 0) -> dict:
+    """Accuracy with k identity blocks removed at once, k = 1..max_removed (Veit et al. 2016, Fig. 5).
+
+    Only blocks with an identity shortcut are drawn from (`has_identity_shortcut`): lesioning a
+    downsampling block leaves only its projection or zero-padded subsample of the input, which
+    is not the "delete a layer, keep the identity path" lesion of the paper (and option "C" nets,
+    whose every shortcut is a projection, have no such block). Blocks whose tail holds more than
+    the add are still drawn: an iResNet end block keeps its BN-ReLU after the add, and with
+    `official_quirks` the block after a start block passes ReLU(x) on.
+
+    For each k, `samples` distinct random subsets of k blocks (no block twice in a subset) are
+    drawn with random.Random(seed), one generator for all k; where C(n, k) <= samples, all
+    subsets are used (itertools.combinations order). k stops at the number of identity blocks.
+    Returns {str(k): {"subsets": [[label, ...], ...], "accuracies": [...], "mean", "std",
+    "min", "max", "count"}}; accuracies are fractions, std is the population std (ddof 0) over
+    the subsets evaluated.
+    """
+    if max_removed < 0:
+        raise StudyError(f"max_removed must be >= 0, got {max_removed}")
+    if samples < 1:
+        raise StudyError(f"samples must be a positive integer, got {samples}")
+    blocks = identity_blocks(model)
+    if max_removed and not blocks:
+        raise StudyError(f"{getattr(model, 'name', 'the model')} has no block with an identity shortcut")
+    rng = random.Random(seed)
+    out = {}
+    for k in range(1, min(max_removed, len(blocks)) + 1):
+        subsets, accs = [], []
+        for subset in _subsets(len(blocks), k, samples, rng):
+            with contextlib.ExitStack() as stack:
+                for i in subset:
+                    stack.enter_context(lesioned(blocks[i][1]))
+                accs.append(accuracy(model, batches))
+            subsets.append([blocks[i][0] for i in subset])
+        out[str(k)] = {
+            "subsets": subsets,
+            "accuracies": accs,
+            "mean": statistics.fmean(accs),
+            "std": statistics.pstdev(accs),
+            "min": min(accs),
+            "max": max(accs),
+            "count": len(accs),
+        }
+    return out
+
+
 def lesion(
     checkpoint: str | Path,
     data_dir: str | Path = "data/cifar10-jpeg",
     num_test: int = 1000,
     batch_size: int = 250,
     out_dir: str | Path | None = None,
+    max_removed: int = 3,
+    samples: int = 20,
+    seed: int = 0,
 ) -> dict:
     """Test accuracy with each residual block removed, and branch / shortcut ratios, for a trained run.
 
     `num_test` images of the CIFAR-10 test split in `data_dir` (a fixed random subset; 0 = all).
+    Then, as `lesion_k`, accuracy with k = 1..`max_removed` random identity blocks removed at
+    once, `samples` subsets per k drawn with `seed` (max_removed=0 skips this part; a net with
+    no identity block gets an empty "removed").
     """
     from .inputs import load_checkpoint_model, load_cifar_test
 
@@ -135,7 +219,13 @@ def lesion(
         (m.normalise(data.test_x[i : i + batch_size]), data.test_y[i : i + batch_size])
         for i in range(0, data.num_test, batch_size)
     ]
+    if max_removed < 0:
+        raise StudyError(f"max_removed must be >= 0, got {max_removed}")
+    if samples < 1:
+        raise StudyError(f"samples must be a positive integer, got {samples}")
     base, per_block = lesion_accuracies(m.model, batches)
+    n_identity = len(identity_blocks(m.model))
+    removed = lesion_k(m.model, batches, max_removed, samples, seed) if n_identity else {}
     ratios = branch_shortcut_ratios(m.model, batches)
     result = {
         "model": m.label,
@@ -150,6 +240,7 @@ def lesion(
     }
     drops = sorted(b["drop"] for b in result["blocks"].values())
     result["median_drop"] = drops[len(drops) // 2]
+    result.update(identity_blocks=n_identity, samples=samples, seed=seed, removed=removed)
     if out_dir is not None:
         result["files"] = write_outputs(out_dir, "lesion", result, plot(result))
     return result
@@ -160,7 +251,13 @@ def plot(result: dict):
     stages = sorted({lab.split(".")[0] for lab in labels})
     stage_colour = dict(zip(stages, shades(result["family"], len(stages))))  # lightest first
     colours = [stage_colour[lab.split(".")[0]] for lab in labels]
-    fig, (ax1, ax2) = pyplot().subplots(2, 1, figsize=(max(6.4, 0.22 * len(labels) + 2), 6.4), sharex=True)
+    removed = result.get("removed") or {}
+    plt = pyplot()
+    fig = plt.figure(figsize=(max(6.4, 0.22 * len(labels) + 2), 9.6 if removed else 6.4))
+    rows = 3 if removed else 2
+    ax1 = fig.add_subplot(rows, 1, 1)
+    ax2 = fig.add_subplot(rows, 1, 2, sharex=ax1)
+    ax1.tick_params(labelbottom=False)
     xs = range(len(labels))
     ax1.bar(xs, [100 * result["blocks"][k]["accuracy"] for k in labels], color=colours)
     ax1.axhline(
@@ -181,10 +278,58 @@ def plot(result: dict):
     ax2.set_title("Residual branch magnitude relative to the shortcut, per block", fontsize=10)
     ax2.set_xticks(list(xs), labels, rotation=90, fontsize=7)
     ax2.set_xlabel("block (stage.index); darker = later stage")
-    for ax in (ax1, ax2):
+    axes = [ax1, ax2]
+    if removed:
+        axes.append(_plot_removed(fig.add_subplot(rows, 1, 3), result, removed))
+    for ax in axes:
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def _plot_removed(ax, result: dict, removed: dict):
+    """Accuracy against the number of identity blocks removed at once (Veit et al. 2016, Fig. 5)."""
+    colour = shades(result["family"], 1)[0]
+    ks = [0, *(int(k) for k in removed)]
+    stats = [removed[str(k)] for k in ks[1:]]
+    means = [100 * result["accuracy"], *(100 * r["mean"] for r in stats)]
+    lows = [0.0, *(100 * (r["mean"] - r["min"]) for r in stats)]
+    highs = [0.0, *(100 * (r["max"] - r["mean"]) for r in stats)]
+    for k, r in zip(ks[1:], stats):
+        n = len(r["accuracies"])
+        jitter = [0.0] if n == 1 else [0.25 * (i / (n - 1) - 0.5) for i in range(n)]
+        ax.scatter(
+            [k + j for j in jitter],
+            [100 * a for a in r["accuracies"]],
+            s=12,
+            color=colour,
+            alpha=0.35,
+            lw=0,
+            label="one subset" if k == 1 else None,
+        )
+    ax.errorbar(
+        ks,
+        means,
+        yerr=[lows, highs],
+        color="black",
+        marker="o",
+        ms=4,
+        capsize=3,
+        lw=1,
+        label="mean; bars: min..max over subsets",
+    )
+    ax.set_xticks(ks, ["0\n(intact)", *(str(k) for k in ks[1:])])
+    ax.set_xlabel("identity blocks removed at once (count)")
+    ax.set_ylabel("test accuracy (%)")
+    counts = sorted({r["count"] for r in stats})
+    per_k = str(counts[0]) if len(counts) == 1 else f"{counts[0]}..{counts[-1]}"
+    ax.set_title(
+        f"Remove k random blocks at once: {per_k} subsets per k (at most {result.get('samples', '?')}),\n"
+        f"drawn from the {result.get('identity_blocks', '?')} identity-shortcut blocks only",
+        fontsize=10,
+    )
+    ax.legend(fontsize=8)
+    return ax
 
 
 def table(result: dict) -> tuple[list[str], list[list[str]]]:
@@ -198,4 +343,17 @@ def table(result: dict) -> tuple[list[str], list[list[str]]]:
                 f"{b['branch_shortcut_ratio']:.3f}",
             ]
         )
+    removed = result.get("removed") or {}
+    if removed:  # a second block under its own header row; columns reused: mean +- std, min, max
+        rows.append(["", "", "", ""])
+        rows.append([f"k of {result['identity_blocks']} identity", "mean +- std %", "min %", "max %"])
+        for k, r in removed.items():
+            rows.append(
+                [
+                    f"{k} at once ({r['count']} subsets)",
+                    f"{100 * r['mean']:.2f} +- {100 * r['std']:.2f}",
+                    f"{100 * r['min']:.2f}",
+                    f"{100 * r['max']:.2f}",
+                ]
+            )
     return ["block removed", "accuracy %", "drop (points)", "branch/shortcut"], rows

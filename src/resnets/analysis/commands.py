@@ -26,6 +26,13 @@ def _positive(value: str) -> int:
     return n
 
 
+def _non_negative(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return n
+
+
 MAX_SIZE = 2048  # the studies hold batches of inputs and every activation of them
 
 
@@ -116,12 +123,6 @@ def add_study_parsers(parser: argparse.ArgumentParser) -> None:
         "--stage", type=int, default=-1, help="stage whose output is explained (default: the last)"
     )
     _common(p)
-
-    def _non_negative(value: str) -> int:  # for --max-removed
-        n = int(value)
-        if n < 0:
-            raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
-        return n
 
     p = sub.add_parser(
         "lesion",

@@ -93,7 +93,7 @@ CIFAR_NAMES: dict[str, str] = {"v1": "resnet{d}", "v2": "preact_resnet{d}", "ire
 # v2 also take a "_cifar" suffix, for depths whose plain name is a registered ImageNet net
 # (resnet50, resnet152, resnet200, preact_resnet50, preact_resnet200 are all 6n+2).
 _CIFAR_NAME = re.compile(r"(?P<family>resnet|preact_resnet|iresnet)(?P<depth>\d+)(?P<cifar>_cifar)?")
-_FAMILY_OF_PREFIX = {"resnet": "v1", "preact_resnet": "v2", "iresnet": "iresnet"}
+_FAMILY_OF_PREFIX = {name.partition("{d}")[0]: family for family, name in CIFAR_NAMES.items()}
 
 
 def cifar_depth_spec(family: str, depth: int) -> NetSpec:

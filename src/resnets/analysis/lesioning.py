@@ -148,6 +148,13 @@ def _subsets(n: int, k: int, samples: int, rng: random.Random) -> list[tuple[int
     return out
 
 
+def _check_counts(max_removed: int, samples: int) -> None:
+    if max_removed < 0:
+        raise StudyError(f"max_removed must be >= 0, got {max_removed}")
+    if samples < 1:
+        raise StudyError(f"samples must be a positive integer, got {samples}")
+
+
 def lesion_k(model: nn.Module, batches, max_removed: int = 3, samples: int = 20, seed: int = 0) -> dict:
     """Accuracy with k identity blocks removed at once, k = 1..max_removed (Veit et al. 2016, Fig. 5).
 
@@ -165,10 +172,7 @@ def lesion_k(model: nn.Module, batches, max_removed: int = 3, samples: int = 20,
     "min", "max", "count"}}; accuracies are fractions, std is the population std (ddof 0) over
     the subsets evaluated.
     """
-    if max_removed < 0:
-        raise StudyError(f"max_removed must be >= 0, got {max_removed}")
-    if samples < 1:
-        raise StudyError(f"samples must be a positive integer, got {samples}")
+    _check_counts(max_removed, samples)
     blocks = identity_blocks(model)
     if max_removed and not blocks:
         raise StudyError(f"{getattr(model, 'name', 'the model')} has no block with an identity shortcut")
@@ -219,10 +223,7 @@ def lesion(
         (m.normalise(data.test_x[i : i + batch_size]), data.test_y[i : i + batch_size])
         for i in range(0, data.num_test, batch_size)
     ]
-    if max_removed < 0:
-        raise StudyError(f"max_removed must be >= 0, got {max_removed}")
-    if samples < 1:
-        raise StudyError(f"samples must be a positive integer, got {samples}")
+    _check_counts(max_removed, samples)
     base, per_block = lesion_accuracies(m.model, batches)
     n_identity = len(identity_blocks(m.model))
     removed = lesion_k(m.model, batches, max_removed, samples, seed) if n_identity else {}

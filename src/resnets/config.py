@@ -52,6 +52,8 @@ RUNTIME_FIELDS = (
     "log_every",
 )
 NONFINITE = ("stop", "skip")
+# Fields applied on top of the registered model's spec (`create_model(model, **those set)`).
+MODEL_FIELDS = ("dropout", "drop_path", "zero_init_last", "unit", "shortcut")
 # Bounds beyond which a value is a typo, not a recipe: a learning rate over 1000 diverges in the
 # first step, and seeds beyond 32 bits overflow the per-epoch generator seeds derived from them.
 MAX_LR = 1000.0
@@ -84,6 +86,14 @@ class TrainConfig:
     dropout: float = _f(0.0, "dropout between the convs of wide blocks (WRN)")
     drop_path: float = _f(0.0, "stochastic depth rate at the last block")
     zero_init_last: bool = _f(False, "start every residual branch at zero")
+    unit: str | None = _f(
+        None,
+        "basic-block unit (He et al. 2016, Fig. 4): original, bn_after_add, relu_before_add, "
+        "relu_only_preact or full_preact (default: the model's own)",
+    )
+    shortcut: str | None = _f(
+        None, "shortcut where the shape changes: A, B, C, avgdown or maxpool (default: the model's own)"
+    )
     # optimisation
     epochs: int = _f(12, "training epochs")
     batch_size: int = _f(64, "images per optimizer step, over all processes")

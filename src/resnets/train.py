@@ -40,7 +40,7 @@ from .checkpoint import (
     save_model_file,
     validate_checkpoint,
 )
-from .config import RUNTIME_FIELDS, TrainConfig, from_dict
+from .config import MODEL_FIELDS, RUNTIME_FIELDS, TrainConfig, from_dict
 from .data import Augment, load_data
 from .errors import CheckpointError, ConfigError, RunStopped, TrainingError
 from .evaluate import autocast, evaluate
@@ -747,7 +747,7 @@ class _Run:
 
         torch.manual_seed(cfg.seed)
         overrides = {
-            k: getattr(cfg, k) for k in ("dropout", "drop_path", "zero_init_last") if getattr(cfg, k)
+            k: getattr(cfg, k) for k in MODEL_FIELDS if getattr(cfg, k) not in (None, False, 0, 0.0)
         }
         try:
             model = create_model(cfg.model, num_classes=data.num_classes, in_chans=data.channels, **overrides)

@@ -4,6 +4,7 @@ Each study is a function returning its numbers as a dict; given `out_dir`, it al
 `<study>.json` and `<study>.png` there. `resnets analyze <study>` runs them from the shell.
 """
 
+from .ablation import ablation
 from .common import PALETTE, StudyError
 from .degradation_curves import degradation
 from .erf import receptive_field
@@ -15,6 +16,7 @@ from .signal_propagation import signal
 __all__ = [
     "PALETTE",
     "StudyError",
+    "ablation",
     "degradation",
     "gradcam",
     "lesion",

@@ -165,6 +165,44 @@ def add_study_parsers(parser: argparse.ArgumentParser) -> None:
     )
     _common(p)
 
+    from .ablation import RECIPE, STUDIES
+
+    p = sub.add_parser(
+        "ablation",
+        help="train one net with each variant of one part, several seeds: units (v2 Table 2), shortcut (iResNet)",
+    )
+    p.add_argument(
+        "ablation",
+        choices=list(STUDIES),
+        help="units: the five residual units; shortcut: projection vs max-pool",
+    )
+    p.add_argument("--model", default=None, help="CIFAR net to vary (default resnet20)")
+    p.add_argument("--variants", nargs="+", default=None, help="a subset of the variants (default all)")
+    p.add_argument("--seeds", nargs="+", type=_non_negative, default=[0, 1, 2], help="default 0 1 2")
+    p.add_argument("--data-dir", default=DEFAULT_DATA, help=f"CIFAR-10 folder (default {DEFAULT_DATA})")
+    p.add_argument("--full", action="store_true", help="the paper's schedule: 164 epochs, lr / 10 at 82, 123")
+    p.add_argument("--epochs", type=_positive, default=None, help=f"default {RECIPE['epochs']} (cosine)")
+    p.add_argument("--batch-size", type=_positive, default=None, help=f"default {RECIPE['batch_size']}")
+    p.add_argument(
+        "--out", default=DEFAULT_OUT, help=f"folder for ablation_<study>.json / .png (default {DEFAULT_OUT})"
+    )
+
+
+def _ablation(args: argparse.Namespace) -> dict:
+    from .ablation import ablation
+
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size)) if v is not None}
+    return ablation(
+        args.ablation,
+        args.model,
+        args.seeds,
+        args.data_dir,
+        args.full,
+        overrides,
+        args.variants,
+        args.out,
+    )
+
 
 def _degradation(args: argparse.Namespace) -> dict:
     from .degradation_curves import degradation
@@ -247,6 +285,7 @@ STUDIES = {
     "gradcam": (_gradcam, "grad_cam"),
     "lesion": (_lesion, "lesioning"),
     "degradation": (_degradation, "degradation_curves"),
+    "ablation": (_ablation, "ablation"),
 }
 
 

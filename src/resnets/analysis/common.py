@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
+import sys
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..config import RUNTIME_FIELDS
 from ..errors import ResnetsError
 from ..models import ENTRIES, FAMILIES, block_family
 from ..models.net import NetSpec, ResNet
 from ..registry import create_model, get_entry
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 
 class StudyError(ResnetsError):
@@ -238,3 +246,54 @@ def pyplot():
 def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.4, 4.2), **kw):
     """(figure, 2-D array of axes): nrows x ncols panels, each `size` inches."""
     return pyplot().subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False, **kw)
+
+
+# Trained studies (degradation, ablations): a run folder per net, resumed when its recipe matches.
+def train_run(run: Path, recipe: dict, data_dir: str | Path, seed: int, **fields) -> tuple[dict, list[dict]]:
+    """Train one CIFAR-10 run of a study in `run` with the recipe's TrainConfig fields and `fields`
+    (model, unit, ...): resumed from its last.ckpt when one of the same recipe is there (a finished
+    run is only read back). Returns (the run's summary, its metrics.csv rows)."""
+    from ..config import TrainConfig
+    from ..train import train
+
+    try:
+        cfg = TrainConfig(
+            **recipe, **fields, data="cifar10", data_dir=str(data_dir), download=False, seed=seed, quiet=True
+        )
+    except TypeError as exc:
+        raise StudyError(f"unknown training option in the recipe: {exc}") from None
+    cfg = replace(cfg, out=str(run), resume=same_run(run, cfg))
+    summary = train(cfg)
+    return summary, read_metrics(run / "metrics.csv")
+
+
+def same_run(run: Path, cfg) -> bool:
+    """Whether `run` holds a run of exactly this recipe (resume it); False when it holds none.
+
+    A run of another recipe is an error rather than overwritten or silently mixed in.
+    """
+    if not (run / "last.ckpt").exists():
+        return False
+    stored = tomllib.loads((run / "config.toml").read_text())
+    # A field left to the run to resolve (None, "auto") matches whatever the run resolved it to.
+    differ = [
+        k
+        for k, v in asdict(cfg).items()
+        if k not in RUNTIME_FIELDS and v not in (None, "auto") and _plain(stored.get(k)) != _plain(v)
+    ]
+    if differ:
+        raise StudyError(
+            f"{run} holds a run with another recipe ({', '.join(differ)} differ); pass another --out"
+        )
+    return True
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def read_metrics(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [
+            {k: float(v) if k != "epoch" else int(v) for k, v in row.items()} for row in csv.DictReader(f)
+        ]

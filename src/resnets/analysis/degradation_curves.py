@@ -8,13 +8,10 @@ it is an optimisation problem, not overfitting) while the deeper residual net ha
 
 from __future__ import annotations
 
-import csv
-import sys
-from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..registry import create_model
-from .common import StudyError, colours_for, family_of, new_figure, write_outputs
+from .common import colours_for, family_of, new_figure, train_run, write_outputs
 
 DEFAULT_MODELS = ("plain20", "plain56", "resnet20", "resnet56")
 
@@ -72,9 +69,6 @@ def degradation(
     {name: {"family", "train_err", "test_err", "final_train_loss", "final_train_err",
     "final_test_err", "run"}}, "verdict"}.
     """
-    from ..config import TrainConfig
-    from ..train import train
-
     recipe = (FULL if full else QUICK) | dict(overrides or {})
     recipe.setdefault("lr", paper_lr(recipe["batch_size"]))
     runs = Path(out_dir) / "degradation_runs"
@@ -84,22 +78,8 @@ def degradation(
         "models": {},
     }
     for name in models:
-        try:
-            cfg = TrainConfig(
-                **recipe,
-                model=name,
-                data="cifar10",
-                data_dir=str(data_dir),
-                download=False,
-                seed=seed,
-                quiet=True,
-            )
-        except TypeError as exc:
-            raise StudyError(f"unknown training option in the recipe: {exc}") from None
         run = runs / name
-        cfg = replace(cfg, out=str(run), resume=_same_run(run, cfg))
-        summary = train(cfg)
-        rows = _metrics(run / "metrics.csv")
+        summary, rows = train_run(run, recipe, data_dir, seed, model=name)
         result["models"][name] = {
             "family": family_of(create_model(name)),
             "epochs": [r["epoch"] for r in rows],
@@ -115,45 +95,6 @@ def degradation(
     result["verdict"] = verdict(result)
     result["files"] = write_outputs(out_dir, "degradation", result, plot(result))
     return result
-
-
-def _same_run(run: Path, cfg) -> bool:
-    """Whether `run` holds a run of exactly this recipe (resume it); False when it holds none.
-
-    A run of another recipe is an error rather than overwritten or silently mixed in.
-    """
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
-
-    if not (run / "last.ckpt").exists():
-        return False
-    stored = tomllib.loads((run / "config.toml").read_text())
-    from ..config import RUNTIME_FIELDS
-
-    # A field left to the run to resolve (None, "auto") matches whatever the run resolved it to.
-    differ = [
-        k
-        for k, v in asdict(cfg).items()
-        if k not in RUNTIME_FIELDS and v not in (None, "auto") and _plain(stored.get(k)) != _plain(v)
-    ]
-    if differ:
-        raise StudyError(
-            f"{run} holds a run with another recipe ({', '.join(differ)} differ); pass another --out"
-        )
-    return True
-
-
-def _plain(v):
-    return list(v) if isinstance(v, tuple) else v
-
-
-def _metrics(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [
-            {k: float(v) if k != "epoch" else int(v) for k, v in row.items()} for row in csv.DictReader(f)
-        ]
 
 
 def _depth(name: str) -> int:

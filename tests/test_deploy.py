@@ -397,3 +397,35 @@ def test_compiled_deploy_matches_eager():
     assert isinstance(fast, Deployed)
     # The compiled graph is filed under the deployment's own entry point, not the shared forward.
     assert len(_debug_get_cache_entry_list(ResNet.forward.__code__)) == 0
+
+
+def _sleeper(ms: float, calls: list):
+    import time
+
+    def fn():
+        calls.append(ms)
+        time.sleep(ms / 1e3)
+
+    return fn
+
+
+def test_a_close_race_goes_to_a_runoff_of_the_two_fastest():
+    d = sys.modules["resnets.deploy"]  # the package exports deploy(), the function, by that name
+
+    calls: list = []
+    fns = {"a": _sleeper(10, calls), "b": _sleeper(10.4, calls), "c": _sleeper(40, calls)}
+    medians = d._race(fns, torch.device("cpu"))
+    assert min(medians, key=medians.get) == "a" and medians["c"] > 3 * medians["a"]
+    count = {ms: calls.count(ms) for ms in (10, 10.4, 40)}
+    # Timed and settling calls: c only ran in the first race; a and b also in the runoff.
+    assert count[10] == count[10.4] and count[10] >= count[40] + 2 * 3
+    assert count[10] <= 2 * (d.AUTO_MAX_ROUNDS + d.AUTO_RUNOFF_ROUNDS)
+
+
+def test_a_clear_race_has_no_runoff():
+    d = sys.modules["resnets.deploy"]  # the package exports deploy(), the function, by that name
+
+    calls: list = []
+    fns = {"a": _sleeper(10, calls), "b": _sleeper(20, calls)}  # b is 2x slower, beyond AUTO_CLOSE
+    medians = d._race(fns, torch.device("cpu"))
+    assert medians["b"] > medians["a"] and calls.count(10) == calls.count(20) <= 2 * d.AUTO_MAX_ROUNDS

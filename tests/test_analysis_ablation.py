@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from resnets import create_model
@@ -22,20 +21,6 @@ from resnets.analysis.ablation import (
 from resnets.checkpoint import load_model_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _cifar_tree(root: Path, per_class: int = 3) -> None:
-    """A CIFAR-10 image tree of random 32x32 images, 10 classes, `per_class` per split."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for c in range(10):
-            (root / split / f"k{c}").mkdir(parents=True)
-            for i in range(per_class):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-                    root / split / f"k{c}" / f"{i}.png"
-                )
 
 
 def test_units_claims_are_every_pair_of_table_2_in_the_papers_order():
@@ -85,10 +70,9 @@ def test_recipe_is_the_papers_optimiser():
     assert RECIPE["label_smoothing"] == 0.0 and not RECIPE["nesterov"] and RECIPE["wd_norm_bias"]
 
 
-def test_tiny_units_ablation_trains_each_variant_and_seed_and_resumes(tmp_path):
-    _cifar_tree(tmp_path / "c")
+def test_tiny_units_ablation_trains_each_variant_and_seed_and_resumes(tmp_path, cifar_tree):
     small = dict(epochs=1, batch_size=10, warmup_epochs=0.0)
-    kw = dict(model="resnet20", data_dir=tmp_path / "c", overrides=small)
+    kw = dict(model="resnet20", data_dir=cifar_tree, overrides=small)
     r = ablation("units", seeds=[0, 1], variants=["original", "full_preact"], out_dir=tmp_path / "o", **kw)
     assert list(r["variants"]) == ["original", "full_preact"] and r["seeds"] == [0, 1]
     for label, e in r["variants"].items():
@@ -142,12 +126,11 @@ def test_mistakes_are_study_errors(tmp_path, study, variants, needle):
         ablation("units", seeds=[], out_dir=tmp_path)
 
 
-def test_command_line_runs_the_study(tmp_path):
+def test_command_line_runs_the_study(tmp_path, cifar_tree):
     from resnets.cli import main
 
-    _cifar_tree(tmp_path / "c", per_class=2)
     argv = ["analyze", "ablation", "shortcut", "--seeds", "3", "--epochs", "1", "--batch-size", "10"]
-    argv += ["--data-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o")]
+    argv += ["--data-dir", str(cifar_tree), "--out", str(tmp_path / "o")]
     assert main(argv) == 0
     saved = json.loads((tmp_path / "o" / "ablation_shortcut.json").read_text())
     assert list(saved["variants"]) == ["projection", "maxpool"] and saved["seeds"] == [3]

@@ -50,3 +50,33 @@ def test_tiny_run_is_read_back_and_reused(tmp_path):
     # ... and another recipe does not overwrite or mix with it.
     with pytest.raises(StudyError, match="another recipe.*lr"):
         degradation(["resnet20"], DATA, overrides=small | {"lr": 0.05}, out_dir=tmp_path)
+
+
+def test_seeds_are_studies_of_their_own_combined_by_mean_and_range(tmp_path, cifar_tree):
+    from resnets.analysis.degradation_curves import degradation_seeds, table
+
+    small = dict(epochs=2, train_subset=0, test_subset=0, batch_size=10)
+    r = degradation_seeds(
+        ["resnet20", "resnet32"], cifar_tree, overrides=small, seeds=[0, 1], out_dir=tmp_path
+    )
+    one = [json.loads((tmp_path / f"seed_{s}" / "degradation.json").read_text()) for s in (0, 1)]
+    for name in ("resnet20", "resnet32"):
+        e = r["models"][name]
+        finals = [o["models"][name]["final_train_err"] for o in one]
+        assert e["final_train_err_seeds"] == finals and e["final_train_err"] == pytest.approx(sum(finals) / 2)
+        assert e["train_err"][0] == pytest.approx(
+            (one[0]["models"][name]["train_err"][0] + one[1]["models"][name]["train_err"][0]) / 2
+        )
+        assert len(e["test_err_seeds"]) == 2 and e["epochs"] == [1, 2]
+    assert finals[0] != finals[1]  # the seeds are different runs
+    v = r["verdict"]["resnet"]
+    gaps = [o["verdict"]["resnet"]["train_err_gap"] for o in one]
+    assert v["train_err_gap_seeds"] == gaps and v["train_err_gap"] == pytest.approx(sum(gaps) / 2)
+    assert v["all_seeds_agree"] == all((g > 0) == (sum(gaps) > 0) for g in gaps)
+    saved = json.loads((tmp_path / "degradation.json").read_text())
+    assert saved["seeds"] == [0, 1] and (tmp_path / "degradation.png").stat().st_size > 0
+    header, rows = table(r)
+    assert (
+        rows[0][2]
+        == f"{100 * r['models']['resnet20']['final_train_err']:.1f} ({100 * one[0]['models']['resnet20']['final_train_err']:.1f}, {100 * one[1]['models']['resnet20']['final_train_err']:.1f})"
+    )

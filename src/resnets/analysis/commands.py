@@ -163,6 +163,13 @@ def add_study_parsers(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lr", type=float, default=None, help="default: 0.1 x batch / 128, the paper's lr per image"
     )
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        type=_non_negative,
+        default=None,
+        help="one study per seed in <out>/seed_<s>, combined in <out> (mean, range); replaces --seed",
+    )
     _common(p)
 
     from .ablation import RECIPE, STUDIES
@@ -218,6 +225,10 @@ def _degradation(args: argparse.Namespace) -> dict:
         )
         if v is not None
     }
+    if args.seeds:
+        from .degradation_curves import degradation_seeds
+
+        return degradation_seeds(args.model, args.data_dir, args.full, overrides, args.seeds, args.out)
     return degradation(args.model, args.data_dir, args.full, overrides, args.seed, args.out)
 
 

@@ -8,10 +8,11 @@ it is an optimisation problem, not overfitting) while the deeper residual net ha
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from ..registry import create_model
-from .common import colours_for, family_of, new_figure, train_run, write_outputs
+from .common import StudyError, colours_for, family_of, new_figure, train_run, write_outputs
 
 DEFAULT_MODELS = ("plain20", "plain56", "resnet20", "resnet56")
 
@@ -97,6 +98,43 @@ def degradation(
     return result
 
 
+def degradation_seeds(
+    models: tuple[str, ...] | list[str] = DEFAULT_MODELS,
+    data_dir: str | Path = "data/cifar10-jpeg",
+    full: bool = False,
+    overrides: dict | None = None,
+    seeds: tuple[int, ...] | list[int] = (0, 1),
+    out_dir: str | Path = "runs/analysis",
+) -> dict:
+    """`degradation` once per seed, each a complete study in `<out_dir>/seed_<s>`, then combined:
+    per model the mean curves and final errors with every seed's, the verdict on the means, and,
+    per family, the gap of each seed and whether all seeds agree with the mean's verdict."""
+    if not seeds:
+        raise StudyError("give at least one seed")
+    per_seed = [degradation(models, data_dir, full, overrides, s, Path(out_dir) / f"seed_{s}") for s in seeds]
+    result: dict = {"recipe": per_seed[0]["recipe"], "seeds": list(seeds), "models": {}}
+    for name in per_seed[0]["models"]:
+        runs = [r["models"][name] for r in per_seed]
+        n = min(len(e["epochs"]) for e in runs)
+        entry: dict = {"family": runs[0]["family"], "epochs": runs[0]["epochs"][:n]}
+        for key in ("train_err", "test_err"):
+            entry[f"{key}_seeds"] = [e[key][:n] for e in runs]
+            entry[key] = [statistics.fmean(e[key][i] for e in runs) for i in range(n)]
+        for key in ("final_train_loss", "final_train_err", "final_test_err"):
+            entry[f"{key}_seeds"] = [e[key] for e in runs]
+            entry[key] = statistics.fmean(entry[f"{key}_seeds"])
+        entry["time_s"] = sum(e["time_s"] for e in runs)
+        entry["runs"] = [e["run"] for e in runs]
+        result["models"][name] = entry
+    result["verdict"] = verdict(result)
+    for family, v in result["verdict"].items():
+        gaps = [r["verdict"][family]["train_err_gap"] for r in per_seed]
+        v["train_err_gap_seeds"] = gaps
+        v["all_seeds_agree"] = all((g > 0) == v["deeper_trains_worse"] for g in gaps)
+    result["files"] = write_outputs(out_dir, "degradation", result, plot(result))
+    return result
+
+
 def _depth(name: str) -> int:
     digits = "".join(c if c.isdigit() else " " for c in name).split()
     return int(digits[0]) if digits else 0
@@ -132,6 +170,12 @@ def plot(result: dict):
             e = result["models"][name]
             if e["family"] == family:
                 style = dict(color=colours[name])
+                for key in ("train_err", "test_err"):  # several seeds: their range as a band
+                    if f"{key}_seeds" in e:
+                        curves = e[f"{key}_seeds"]
+                        low = [100 * min(c[i] for c in curves) for i in range(len(e["epochs"]))]
+                        high = [100 * max(c[i] for c in curves) for i in range(len(e["epochs"]))]
+                        ax.fill_between(e["epochs"], low, high, alpha=0.15, lw=0, **style)
                 ax.plot(
                     e["epochs"],
                     [100 * v for v in e["train_err"]],
@@ -150,9 +194,11 @@ def plot(result: dict):
     axes[0][0].set_ylabel("top-1 error (%)")
     r = result["recipe"]
     subset = f"{r['train_subset']} training images" if r.get("train_subset") else "all training images"
+    seeds = result.get("seeds")
+    over = f"; mean of seeds {', '.join(map(str, seeds))}, band = their range" if seeds else ""
     fig.suptitle(
         f"CIFAR-10 training (dashed) and test (solid) error with one recipe: {subset}, batch {r['batch_size']}, "
-        f"lr {r['lr']}, {r['schedule']} schedule",
+        f"lr {r['lr']}, {r['schedule']} schedule{over}",
         fontsize=10,
     )
     fig.tight_layout()
@@ -160,12 +206,18 @@ def plot(result: dict):
 
 
 def table(result: dict) -> tuple[list[str], list[list[str]]]:
+    def cell(e: dict, key: str, fmt: str) -> str:
+        text = format(100 * e[key], fmt)
+        if f"{key}_seeds" in e:  # the mean, then each seed's
+            text += " (" + ", ".join(format(100 * v, fmt) for v in e[f"{key}_seeds"]) + ")"
+        return text
+
     rows = [
         [
             name,
             f"{e['final_train_loss']:.3f}",
-            f"{100 * e['final_train_err']:.1f}",
-            f"{100 * e['final_test_err']:.1f}",
+            cell(e, "final_train_err", ".1f"),
+            cell(e, "final_test_err", ".1f"),
             f"{e['time_s']:.0f}",
         ]
         for name, e in result["models"].items()

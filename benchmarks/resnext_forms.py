@@ -2,12 +2,15 @@
 
 The same weights (converted with `resnets.models.resnext.convert_form`) in form a (C paths,
 summed), b (C paths, concatenated, one 1x1) and c (grouped conv): eager forward at each batch
-size and a training step (forward, backward, SGD), interleaved round by round
-(`resnets.bench.time_interleaved`); ratios are medians over form c's.
+size, the deployed model (`resnets.deploy`, BN folded and compiled; `--deploy-backend`) at each
+batch size, and a training step (forward, backward, SGD), interleaved round by round
+(`resnets.bench.time_interleaved`); ratios are medians over form c's. The deployed forms are
+checked against their eager outputs, and each one's first call (compile) is timed.
 
 Usage:
   python benchmarks/resnext_forms.py                                   # resnext50_32x4d, 224 px
   python benchmarks/resnext_forms.py --name resnext29_8x64d --size 32 --rounds 3
+  python benchmarks/resnext_forms.py --size 112 --deploy-backend none  # eager and training only
 Writes benchmarks/results/resnext_forms_<name>_<date>.json.
 """
 
@@ -69,6 +72,28 @@ def time_case(models: dict, x: torch.Tensor, mode: str, rounds: int) -> dict[str
     }
 
 
+def deploy_forms(models: dict, x: torch.Tensor, backend: str) -> tuple[dict, dict]:
+    """Each form deployed and called once on x: (deployed modules, {form: first-call seconds and
+    max abs difference to the eager logits over their scale})."""
+    from resnets import deploy
+
+    out, info = {}, {}
+    for form, m in models.items():
+        m.eval()
+        with torch.no_grad():
+            want = m(x)
+        fast = deploy(m, backend=backend)
+        t0 = time.perf_counter()
+        got = fast(x)
+        info[form] = {
+            "first_call_s": round(time.perf_counter() - t0, 2),
+            "max_abs_diff_over_scale": (got - want).abs().max().item() / max(1.0, want.abs().max().item()),
+            "backend": fast.backend,
+        }
+        out[form] = fast
+    return out, info
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--name", default="resnext50_32x4d")
@@ -76,17 +101,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--train-batch-size", type=int, default=16)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument(
+        "--deploy-backend",
+        default="inductor",
+        help="backend of the deployed rows (inductor, openvino, onnxruntime, auto; none = skip)",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
 
     start = time.perf_counter()
     models = build_forms(args.name)
-    cases = [("eval", b) for b in args.batch_sizes] + [("train", args.train_batch_size)]
+    cases = [("eval", b) for b in args.batch_sizes]
+    if args.deploy_backend != "none":
+        cases += [("deploy", b) for b in args.batch_sizes]
+    cases += [("train", args.train_batch_size)]
     rows = []
     for mode, batch in cases:
         x = torch.randn(batch, 3, args.size, args.size)
-        result = time_case(models, x, mode, args.rounds)
-        rows.append({"mode": mode, "batch_size": batch, "forms": result})
+        extra = {}
+        if mode == "deploy":
+            deployed, extra["deployed"] = deploy_forms(models, x, args.deploy_backend)
+            result = time_case(deployed, x, "eval", args.rounds)
+        else:
+            result = time_case(models, x, mode, args.rounds)
+        rows.append({"mode": mode, "batch_size": batch, "forms": result, **extra})
         line = "  ".join(f"{f} {r['latency_ms']:8.1f} ms ({r['over_c']:.2f}x c)" for f, r in result.items())
         print(f"{mode:<5} b{batch:<3} {line}", flush=True)
     result = {

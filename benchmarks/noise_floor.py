@@ -1,6 +1,6 @@
 """How far apart two copies of the same model time on this machine: the floor under every ratio.
 
-Ours, the peer, and a deep copy of each run interleaved (`resnets.bench.time_interleaved`). The
+Ours, the peer, and a deep copy of each run interleaved (`resnets.bench.time_rounds`). The
 peer copy / peer ratio is what identical code and weights give here (memory placement, drift);
 an ours / peer ratio inside that spread is not a difference between the implementations.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from resnets import create_model
-from resnets.bench import _step_fn, build_peer, machine_info, peer_of, share_weights, time_interleaved
+from resnets.bench import _step_fn, build_peer, machine_info, peer_of, share_weights, time_rounds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,14 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     for fn in fns:
         fn()
         fn()
-    samples = time_interleaved(  # exactly --rounds rounds
-        fns,
-        torch.device("cpu"),
-        min_repeats=args.rounds,
-        max_repeats=args.rounds,
-        max_seconds=float("inf"),
-        rel_spread=0.0,
-    )
+    samples = time_rounds(fns, torch.device("cpu"), args.rounds)
     peer_med = statistics.median(samples[1])
     rows = {}
     for (label, _), s in zip(models.items(), samples):

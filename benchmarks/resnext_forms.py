@@ -4,7 +4,7 @@ The same weights (converted with `resnets.models.resnext.convert_form`) in form 
 summed), b (C paths, concatenated, one 1x1) and c (grouped conv): eager forward at each batch
 size, the deployed model (`resnets.deploy`, BN folded and compiled; `--deploy-backend`) at each
 batch size, and a training step (forward, backward, SGD), interleaved round by round
-(`resnets.bench.time_interleaved`); ratios are medians over form c's. The deployed forms are
+(`resnets.bench.time_rounds`); ratios are medians over form c's. The deployed forms are
 checked against their eager outputs, and each one's first call (compile) is timed.
 
 Usage:
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from resnets import create_model
-from resnets.bench import _step_fn, machine_info, time_interleaved
+from resnets.bench import _step_fn, machine_info, time_rounds
 from resnets.models.resnext import FORMS, convert_form
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -52,14 +52,7 @@ def time_case(models: dict, x: torch.Tensor, mode: str, rounds: int) -> dict[str
         fns.append(_step_fn(m, x, mode, torch.float32, autocast=False))
     for fn in fns:  # warm-up: allocator, oneDNN primitives
         fn()
-    samples = time_interleaved(
-        fns,
-        torch.device("cpu"),
-        min_repeats=rounds,
-        max_repeats=rounds,
-        max_seconds=float("inf"),
-        rel_spread=0.0,
-    )
+    samples = time_rounds(fns, torch.device("cpu"), rounds)
     c = samples[list(models).index("c")]
     return {
         form: {

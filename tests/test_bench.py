@@ -271,3 +271,13 @@ def test_cli_user_errors(argv, message, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1
     assert message in err
+
+
+def test_time_rounds_runs_exactly_that_many_rounds():
+    from resnets.bench import time_rounds
+
+    calls = []
+    samples = time_rounds(
+        [lambda: calls.append("a"), lambda: calls.append("b")], torch.device("cpu"), 4, settle=1
+    )
+    assert [len(s) for s in samples] == [4, 4] and calls.count("a") == calls.count("b") == 8

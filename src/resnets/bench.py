@@ -273,6 +273,21 @@ def time_interleaved(
     return samples
 
 
+def time_rounds(
+    fns: Sequence[Callable[[], Any]], device: torch.device, rounds: int, settle: int = 0
+) -> list[list[float]]:
+    """`time_interleaved` for exactly `rounds` rounds, however stable or slow the timings are."""
+    return time_interleaved(
+        fns,
+        device,
+        min_repeats=rounds,
+        max_repeats=rounds,
+        max_seconds=float("inf"),
+        rel_spread=0.0,
+        settle=settle,
+    )
+
+
 def quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
     if len(xs) == 1:
         return xs[0], xs[0], xs[0]

@@ -1,4 +1,5 @@
-"""Grad-CAM: it follows what the model can see, and reduces to CAM for a pooled linear head."""
+"""Grad-CAM: it follows what the model can see, and reduces to CAM for a pooled linear head;
+deletion / insertion (Petsiuk et al. 2018) rank a map that points at the evidence above a random one."""
 
 from __future__ import annotations
 
@@ -10,7 +11,22 @@ import torch
 from torch import nn
 
 from resnets.analysis import gradcam
-from resnets.analysis.grad_cam import centre_share, grad_cam, mass_share
+from resnets.analysis.grad_cam import (
+    auc,
+    centre_share,
+    deletion_insertion,
+    faithfulness,
+    gaussian_blur,
+    grad_cam,
+    mass_share,
+    metric_test_images,
+    perturbation_curves,
+    random_maps,
+    salience_order,
+    table,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DATA = Path("data/cifar10-jpeg")
 
@@ -89,20 +105,43 @@ def _write_images(folder: Path, n: int) -> list[str]:
 
 def test_study_on_image_files(tmp_path):
     paths = _write_images(tmp_path, 3)
-    r = gradcam(["resnet20", "plain20"], images=paths, stage=1, out_dir=tmp_path / "out")
+    r = gradcam(["resnet20", "plain20"], images=paths, stage=1, out_dir=tmp_path / "out", steps=4)
     saved = json.loads((tmp_path / "out" / "gradcam.json").read_text())
     assert list(saved["models"]) == ["resnet20", "plain20"]
     # Stage 1 of a CIFAR net works at 16x16 on the 32x32 crop of each image.
     assert r["models"]["resnet20"]["map_size"] == [16, 16]
     assert torch.tensor(saved["models"]["plain20"]["maps"]).shape == (3, 16, 16)
     assert (tmp_path / "out" / "gradcam.png").exists()
+    # The metric scores the same files: per-image AUCs, mean curves of steps + 1 points, paired
+    # differences from the first model.
+    assert saved["metric"]["images"] == ["img0.png", "img1.png", "img2.png"]
+    m = saved["models"]["plain20"]["metric"]
+    assert len(m["deletion"]["per_image"]) == 3 and len(m["random"]["insertion"]["curve"]) == 5
+    assert m["deletion"]["mean"] == pytest.approx(sum(m["deletion"]["per_image"]) / 3)
+    gains = [r - d for r, d in zip(m["random"]["deletion"]["per_image"], m["deletion"]["per_image"])]
+    assert m["deletion_gain"]["per_image"] == pytest.approx(gains)
+    a = saved["models"]["resnet20"]["metric"]
+    diff = saved["metric"]["versus_first"]["plain20"]
+    assert diff["reference"] == "resnet20"
+    assert diff["insertion"]["mean"] == pytest.approx(m["insertion"]["mean"] - a["insertion"]["mean"])
+    header, rows = table(r)
+    assert (
+        header[7].startswith("deletion AUC") and rows[-2][0] == "minus resnet20" and rows[-1][0] == "plain20"
+    )
+
+
+def test_metric_can_be_skipped(tmp_path):
+    r = gradcam(["resnet20"], images=_write_images(tmp_path, 2), metric_images=0)
+    assert "metric" not in r and "metric" not in r["models"]["resnet20"]
+    assert len(table(r)[0]) == 7  # the table of maps alone
 
 
 @pytest.mark.skipif(not DATA.exists(), reason="CIFAR-10 image tree not extracted into data/cifar10-jpeg")
 def test_study_on_cifar_test_images(tmp_path):
-    r = gradcam(["resnet20"], data_dir=DATA, num_images=3, out_dir=tmp_path)
+    r = gradcam(["resnet20"], data_dir=DATA, num_images=3, out_dir=tmp_path, metric_images=12, steps=4)
     assert r["labels"] == ["airplane", "automobile", "bird"]  # one class after another
     assert 0.0 <= r["models"]["resnet20"]["accuracy"] <= 1.0
+    assert len(r["metric"]["images"]) == 12 and 0.0 <= r["models"]["resnet20"]["metric"]["accuracy"] <= 1.0
 
 
 def test_checkpoint_rows_use_the_runs_classes_and_normalisation(tmp_path):
@@ -125,6 +164,15 @@ def test_checkpoint_rows_use_the_runs_classes_and_normalisation(tmp_path):
     assert list(r["models"]) == ["resnet20", "resnet20 (long-run)"]
     a, b = r["models"].values()
     assert set(a["predicted"]) <= set(classes) and a["maps"] == b["maps"]  # same weights, same maps
+    # Two runs of one model are grouped (as runs of several training seeds would be): the same
+    # weights on the same images and random maps give the same AUCs, so no spread between runs.
+    group = r["metric"]["by_model"]["resnet20"]
+    assert group["runs"] == ["resnet20", "resnet20 (long-run)"]
+    assert (
+        group["insertion"]["std"] == 0
+        and group["deletion_gain"]["mean"] == a["metric"]["deletion_gain"]["mean"]
+    )
+    assert table(r)[1][-1][:2] == ["resnet20", "2"]
     # The run's own normalisation is used: the prediction matches the model on (x/255 - 0.5) / 0.2.
     from resnets.analysis.inputs import load_images
 
@@ -141,3 +189,176 @@ def test_centre_share_of_uniform_and_centred_maps():
     corner = torch.zeros(1, 8, 8)
     corner[0, 0, 0] = 1
     assert centre_share(torch.cat([uniform, centred, corner])).tolist() == [0.25, 1.0, 0.0]
+
+
+# --- Deletion and insertion ----------------------------------------------------------------------
+
+
+def test_auc_is_the_trapezoid_over_the_fraction():
+    curves = torch.tensor(
+        [
+            [1.0, 0.5, 0.0],  # a straight line from 1 to 0: 1/2
+            [0.3, 0.3, 0.3],  # a constant: itself
+            [1.0, 0.0, 0.0],  # a drop to 0 within the first half: half of that half
+            [0.0, 0.25, 0.5],
+        ]
+    )
+    assert auc(curves).tolist() == pytest.approx([0.5, 0.3, 0.25, 0.25])
+    step = torch.tensor([[1.0] + [0.0] * 16])  # 16 steps, gone after the first
+    assert auc(step).item() == pytest.approx(1 / 32)
+
+
+class RegionDetector(nn.Module):
+    """Class 0's logit is `gain` times the correlation of an 8x8 region with a checkerboard (1 for
+    an image that holds the checkerboard there); the other nine logits are 0. Zeroing the region
+    or blurring it (the checkerboard is the highest frequency there is) removes all the evidence:
+    the probability of class 0 is then exactly 1/10."""
+
+    def __init__(self, size: int = 32, region: slice = slice(12, 20), gain: float = 5.0):
+        super().__init__()
+        n = region.stop - region.start
+        board = (torch.arange(n)[:, None] + torch.arange(n)[None, :]) % 2 * 2.0 - 1
+        weight = torch.zeros(3, size, size)
+        weight[:, region, region] = board / (3 * n * n)
+        self.register_buffer("weight", weight)
+        self.gain = gain
+
+    def forward(self, x):
+        score = self.gain * (x * self.weight).sum((1, 2, 3))
+        return torch.cat([score[:, None], torch.zeros(len(x), 9)], 1)
+
+    def images(self, n: int, seed: int = 0) -> torch.Tensor:
+        torch.manual_seed(seed)
+        x = torch.randn(n, 3, 32, 32)
+        inside = self.weight != 0
+        return torch.where(inside, self.weight.sign(), x)
+
+
+def _region_map(n: int, inside: bool) -> torch.Tensor:
+    m = torch.zeros(n, 32, 32)
+    m[:, 12:20, 12:20] = 1
+    return m if inside else 1 - m
+
+
+def test_a_map_on_the_evidence_beats_random_and_its_reverse_loses():
+    model = RegionDetector()
+    x, target = model.images(6), torch.zeros(6, dtype=torch.long)
+    gen = torch.Generator().manual_seed(0)
+    curves = {
+        "region": deletion_insertion(model, x, _region_map(6, True), target, 16, generator=gen),
+        "reversed": deletion_insertion(model, x, _region_map(6, False), target, 16, generator=gen),
+        # Random at 8x8, upsampled as a Grad-CAM map of a CIFAR net's last stage would be.
+        "random": deletion_insertion(model, x, random_maps(6, (8, 8), gen), target, 16, generator=gen),
+    }
+    full = torch.e**5 / (torch.e**5 + 9)  # the intact image's probability of class 0
+    region = curves["region"]
+    # The region is 64 of 1024 pixels: 1/16 of them, exactly the first step.
+    assert region["deletion"][:, 0].tolist() == pytest.approx([full] * 6)
+    assert region["deletion"][:, 1:].flatten().tolist() == pytest.approx([0.1] * 6 * 16)
+    # Blurred: the checkerboard is gone, only the noise around it bleeds in a little.
+    assert region["insertion"][:, 0].tolist() == pytest.approx([0.1] * 6, abs=1e-3)
+    assert region["insertion"][:, 1:].flatten().tolist() == pytest.approx([full] * 6 * 16, abs=1e-6)
+    d = {k: auc(v["deletion"]) for k, v in curves.items()}
+    i = {k: auc(v["insertion"]) for k, v in curves.items()}
+    assert d["region"].tolist() == pytest.approx([0.1 + (full - 0.1) / 32] * 6)
+    assert i["region"].tolist() == pytest.approx(d["reversed"].tolist(), abs=1e-3)
+    # Deleting the region first is the fastest fall there is and deleting it last the slowest, so
+    # every random map lies between; coarse random blobs sometimes hit the region, so the spread
+    # over images is wide, but on average random is far from both ends.
+    assert (d["region"] + 0.1 < d["random"]).all() and (d["random"] < d["reversed"]).all()
+    assert (i["reversed"] + 0.05 < i["random"]).all() and (i["random"] + 0.1 < i["region"]).all()
+    assert d["random"].mean() - d["region"].mean() > 0.3 and d["reversed"].mean() - d["random"].mean() > 0.2
+    assert i["region"].mean() - i["random"].mean() > 0.3 and i["random"].mean() - i["reversed"].mean() > 0.2
+
+
+def test_batching_gives_the_numbers_of_one_image_at_a_time():
+    from resnets import create_model
+    from resnets.analysis.common import calibrate_bn
+
+    torch.manual_seed(0)
+    model = create_model("resnet20")
+    x = torch.randn(3, 3, 32, 32)
+    calibrate_bn(model, torch.randn(16, 3, 32, 32))
+    order = salience_order(torch.rand(3, 32, 32), torch.Generator().manual_seed(1))
+    target = torch.tensor([0, 4, 9])
+    start, finish = x, gaussian_blur(x, 2.0)
+    together = perturbation_curves(model, start, finish, order, target, steps=4, batch_size=15)
+    one_by_one = torch.cat(
+        [
+            perturbation_curves(
+                model, start[j : j + 1], finish[j : j + 1], order[j : j + 1], target[j : j + 1], 4, 1
+            )
+            for j in range(3)
+        ]
+    )
+    assert torch.allclose(together, one_by_one, atol=1e-6)
+    # Step 0 is the start image, the last step the finish image.
+    with torch.no_grad():
+        p_start = model(start).softmax(1).gather(1, target[:, None])[:, 0]
+        p_finish = model(finish).softmax(1).gather(1, target[:, None])[:, 0]
+    assert torch.allclose(together[:, 0].float(), p_start, atol=1e-6)
+    assert torch.allclose(together[:, -1].float(), p_finish, atol=1e-6)
+    # Chunks that split images' steps across forward passes change nothing either.
+    assert torch.allclose(perturbation_curves(model, start, finish, order, target, 4, 7), together, atol=1e-6)
+
+
+def test_random_maps_are_reproducible_with_the_seed():
+    from resnets import create_model
+    from resnets.analysis.common import calibrate_bn
+
+    torch.manual_seed(0)
+    model = create_model("resnet20")
+    x = torch.randn(4, 3, 32, 32)
+    calibrate_bn(model, x)
+    runs = [faithfulness(model, x, model.stages[-1], steps=4, seed=s) for s in (3, 3, 4)]
+    for kind in ("deletion", "insertion"):
+        assert runs[0]["random"][kind]["per_image"] == runs[1]["random"][kind]["per_image"]
+        assert runs[0]["random"][kind]["per_image"] != runs[2]["random"][kind]["per_image"]
+        # The Grad-CAM map itself does not depend on the seed (only its ties' order could).
+        assert runs[0][kind]["per_image"] == pytest.approx(runs[2][kind]["per_image"], abs=1e-6)
+    assert torch.equal(random_maps(2, (8, 8), torch.Generator().manual_seed(5)),
+                       random_maps(2, (8, 8), torch.Generator().manual_seed(5)))  # fmt: skip
+
+
+def test_ties_go_in_random_order():
+    # A flat map ranks nothing: its order is a permutation that depends on the generator only.
+    flat = torch.zeros(2, 4, 4)
+    a = salience_order(flat, torch.Generator().manual_seed(0))
+    b = salience_order(flat, torch.Generator().manual_seed(1))
+    assert sorted(a[0].tolist()) == list(range(16)) and not torch.equal(a, b)
+    # Distinct values come out highest first whatever the generator.
+    ramp = torch.arange(16.0).view(1, 4, 4)
+    assert salience_order(ramp, torch.Generator().manual_seed(0))[0].tolist() == list(range(15, -1, -1))
+
+
+def test_blur_keeps_a_constant_image_and_removes_a_checkerboard():
+    const = torch.full((1, 3, 32, 32), 0.7)
+    assert torch.allclose(gaussian_blur(const, 2.0), const, atol=1e-6)
+    board = ((torch.arange(32)[:, None] + torch.arange(32)) % 2 * 2.0 - 1).expand(1, 3, 32, 32)
+    assert gaussian_blur(board, 2.0).abs().max() < 1e-3
+    assert torch.equal(gaussian_blur(board, 0.0), board)
+
+
+def test_metric_images_are_drawn_from_the_whole_test_split(cifar_tree):
+    # The test split is stored class after class: a random draw must reach all of it.
+    pixels, labels, idx = metric_test_images(cifar_tree, 12, seed=0)
+    assert pixels.shape == (12, 3, 32, 32) and len(set(idx)) == 12
+    assert len(set(labels.tolist())) > 3 and idx != sorted(idx)
+    assert metric_test_images(cifar_tree, 12, seed=0)[2] == idx
+    assert metric_test_images(cifar_tree, 12, seed=1)[2] != idx
+    assert len(metric_test_images(cifar_tree, 500)[2]) == 30  # capped at the split's size
+
+
+def test_command_line_metric_options(tmp_path, capsys):
+    from resnets.cli import main
+
+    paths = _write_images(tmp_path, 2)
+    argv = ["analyze", "gradcam", "--model", "resnet20", "--image", *paths, "--steps", "2"]
+    code = main([*argv, "--metric-images", "1", "--blur-sigma", "1.5", "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    saved = json.loads((tmp_path / "o" / "gradcam.json").read_text())
+    assert code == 0 and "insertion AUC" in out
+    assert saved["metric"]["images"] == ["img0.png"] and saved["metric"]["blur_sigma"] == 1.5
+    assert len(saved["models"]["resnet20"]["metric"]["deletion"]["curve"]) == 3
+    assert main([*argv, "--blur-sigma", "-1", "--out", str(tmp_path / "o")]) == 2
+    assert "blur sigma" in capsys.readouterr().err

@@ -54,6 +54,7 @@ def _block(value: str) -> tuple[int, int]:
 def add_study_parsers(parser: argparse.ArgumentParser) -> None:
     from .degradation_curves import DEFAULT_MODELS as DEGRADATION_MODELS
     from .erf import DEFAULT_MODELS as ERF_MODELS
+    from .grad_cam import BLUR_SIGMA, METRIC_IMAGES, STEPS
     from .shortcut_coverage import INPUTS, KINDS
     from .signal_propagation import DEFAULT_MODELS as SIGNAL_MODELS
 
@@ -118,9 +119,28 @@ def add_study_parsers(parser: argparse.ArgumentParser) -> None:
         "--image", nargs="+", default=[], help="image files (default: CIFAR test images from --data-dir)"
     )
     p.add_argument("--data-dir", default=DEFAULT_DATA, help=f"CIFAR-10 folder (default {DEFAULT_DATA})")
-    p.add_argument("--num-images", type=_positive, default=8)
+    p.add_argument("--num-images", type=_positive, default=8, help="images drawn in the figure (default 8)")
     p.add_argument(
         "--stage", type=int, default=-1, help="stage whose output is explained (default: the last)"
+    )
+    p.add_argument(
+        "--metric-images",
+        type=_non_negative,
+        default=METRIC_IMAGES,
+        help=f"test images (drawn at random with --seed) or first files scored by deletion / insertion "
+        f"(Petsiuk et al. 2018) against random maps (default {METRIC_IMAGES}; 0 = skip)",
+    )
+    p.add_argument(
+        "--steps",
+        type=_positive,
+        default=STEPS,
+        help=f"steps of each deletion / insertion curve, 1/steps of the pixels each (default {STEPS})",
+    )
+    p.add_argument(
+        "--blur-sigma",
+        type=float,
+        default=BLUR_SIGMA,
+        help=f"Gaussian blur (pixels) of the image insertion starts from (default {BLUR_SIGMA})",
     )
     _common(p)
 
@@ -271,6 +291,9 @@ def _gradcam(args: argparse.Namespace) -> dict:
         args.stage,
         args.seed,
         args.out,
+        metric_images=args.metric_images,
+        steps=args.steps,
+        blur_sigma=args.blur_sigma,
     )
 
 

@@ -281,3 +281,23 @@ def test_time_rounds_runs_exactly_that_many_rounds():
         [lambda: calls.append("a"), lambda: calls.append("b")], torch.device("cpu"), 4, settle=1
     )
     assert [len(s) for s in samples] == [4, 4] and calls.count("a") == calls.count("b") == 8
+
+
+@pytest.mark.parametrize("groups", [1, 32])
+def test_a_training_step_counts_three_forward_passes_of_a_conv_grouped_or_not(groups):
+    from resnets.bench import count_work
+
+    class Two(torch.nn.Module):  # the first conv gets no input gradient (its input needs none)
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(64, 64, 3, padding=1, groups=groups, bias=False)
+            self.b = torch.nn.Conv2d(64, 64, 3, padding=1, groups=groups, bias=False)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    x = torch.randn(2, 64, 8, 8)
+    forward, _ = count_work(Two(), x, train=False)
+    step, _ = count_work(Two(), x, train=True)
+    one = 2 * 2 * 64 * 8 * 8 * 64 // groups * 9  # FLOPs of one conv's forward
+    assert forward == 2 * one and step == forward + one + 2 * one  # a: weight grad; b: both

@@ -168,13 +168,16 @@ def int8_case():
 
 
 @pytest.mark.parametrize("backend", ["openvino", "eager"])
-def test_int8_stays_close_to_float32(backend):
+def test_int8_stays_close_to_float32(backend, capfd):
     pytest.importorskip("nncf" if backend == "openvino" else "torchao", reason="int8 extra not installed")
     model, calib, x, want = int8_case()
     kwargs = dict(compile=False) if backend == "eager" else dict(backend=backend)
     fast = deploy(model, dtype="int8", calibration=calib, **kwargs)
     got = fast(x)
     assert fast.precision == "int8"
+    # Quantizing prints nothing: no NNCF progress bars, no warnings about the converter's tracing.
+    printed = capfd.readouterr()
+    assert "Statistics collection" not in printed.out and "torch.jit.trace" not in printed.err
     # Quantization noise, not a different network: a few percent of the logits' size. (An
     # untrained net gives nearly the same logits for every image, so top-1 agreement is measured
     # on a trained one: benchmarks/engines.py, on the CIFAR-10 test set.)

@@ -22,9 +22,12 @@ A backend whose package is missing raises `BackendUnavailable`, naming the extra
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import logging
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -205,7 +208,10 @@ class OpenVinoEngine:
             import copy
 
             net = copy.deepcopy(net).float()
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            # OpenVINO's converter traces with torch.jit.trace, which torch warns is deprecated: a
+            # note to OpenVINO, not to the user of deploy().
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace", category=FutureWarning)
             model = ov.convert_model(
                 net, example_input=_example((1, *key)), input=[ov.PartialShape([-1, *key])]
             )
@@ -219,7 +225,10 @@ class OpenVinoEngine:
             data = nncf.Dataset([_numpy_input(x) for x in self.calibration])
             # The full bias correction, not NNCF's fast one: on a CIFAR-10 ResNet-20 the fast one
             # left 94.7% top-1 agreement with fp32 on 2,000 test images, the full one 99.1%.
-            model = nncf.quantize(model, data, subset_size=len(self.calibration), fast_bias_correction=False)
+            with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bars (rich) write to stdout
+                model = nncf.quantize(
+                    model, data, subset_size=len(self.calibration), fast_bias_correction=False
+                )
         config = {
             "INFERENCE_NUM_THREADS": self.threads,
             "PERFORMANCE_HINT": "LATENCY",

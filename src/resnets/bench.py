@@ -193,14 +193,25 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
 
 
 def _conv_backward_flop(
-    grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed, *args, **kwargs
+    grad_out_shape,
+    x_shape,
+    w_shape,
+    _bias,
+    _stride,
+    _padding,
+    _dilation,
+    transposed,
+    _output_padding,
+    _groups,
+    output_mask,
+    *args,
+    **kwargs,
 ) -> int:
     """FLOPs of a conv's backward: the input gradient and the weight gradient each cost what the
     forward pass does. torch's own formula counts a grouped conv's weight gradient as if the conv
     were dense, `groups` times too much (a 32-group 3x3: 34x its forward FLOPs instead of 3x)."""
     from torch.utils.flop_counter import conv_flop_count
 
-    output_mask = kwargs.get("output_mask", args[2] if len(args) > 2 else (True, True))
     forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
     return forward * (bool(output_mask[0]) + bool(output_mask[1]))
 

@@ -746,9 +746,7 @@ class _Run:
         self.fmt = torch.channels_last if speed.channels_last else torch.contiguous_format
 
         torch.manual_seed(cfg.seed)
-        overrides = {
-            k: getattr(cfg, k) for k in MODEL_FIELDS if getattr(cfg, k) not in (None, False, 0, 0.0)
-        }
+        overrides = {k: getattr(cfg, k) for k in MODEL_FIELDS if getattr(cfg, k) not in (None, False, 0, 0.0)}
         try:
             model = create_model(cfg.model, num_classes=data.num_classes, in_chans=data.channels, **overrides)
         except (TypeError, ValueError) as exc:  # an override the network does not use, a bad value

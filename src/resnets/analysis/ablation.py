@@ -22,27 +22,14 @@ from itertools import combinations
 from pathlib import Path
 
 from ..models.preact_resnet import UNIT_ERRORS
-from .common import StudyError, new_figure, train_run, write_outputs
+from .common import PAPER_CIFAR, StudyError, new_figure, train_run, write_outputs
 
-# The training recipe of both studies: the paper's CIFAR optimiser (SGD with momentum 0.9, no
-# Nesterov, weight decay 1e-4 on every parameter, lr 0.1 per batch of 128, pad-4 crop and flip, no
-# label smoothing), with a cosine schedule over the run instead of the 164-epoch step schedule, so
+# The training recipe of both studies: the paper's CIFAR optimiser and augmentation (PAPER_CIFAR,
+# lr 0.1 per batch of 128, no label smoothing), with a cosine schedule over the run instead of the 164-epoch step schedule, so
 # a short run ends at a small learning rate as the paper's does; a linear warm-up over a tenth of
 # the run, at most 1 epoch (set in `ablation`, as it depends on --epochs).
-RECIPE = dict(
-    epochs=10,
-    batch_size=128,
-    lr=0.1,
-    momentum=0.9,
-    nesterov=False,
-    weight_decay=1e-4,
-    wd_norm_bias=True,
-    schedule="cosine",
-    label_smoothing=0.0,
-    padding=4,
-    flip=True,
-    train_subset=0,
-    test_subset=0,
+RECIPE = PAPER_CIFAR | dict(
+    epochs=10, batch_size=128, lr=0.1, schedule="cosine", label_smoothing=0.0, train_subset=0, test_subset=0
 )
 # The paper's schedule (He et al. 2016, Sec. 4.1 / He et al. 2015, Sec. 4.2): 64k iterations of 128,
 # lr / 10 at 32k and 48k.

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import RUNTIME_FIELDS
+from ..config import RUNTIME_FIELDS, TrainConfig
 from ..errors import ResnetsError
 from ..models import ENTRIES, FAMILIES, block_family
 from ..models.net import NetSpec, ResNet
@@ -249,6 +249,10 @@ def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.4,
 
 
 # Trained studies (degradation, ablations): a run folder per net, resumed when its recipe matches.
+# The CIFAR optimiser and augmentation of He et al. 2015 (Sec. 4.2), which He et al. 2016 keep:
+# SGD with momentum 0.9 (no Nesterov), weight decay 1e-4 on every parameter, pad-4 crop and flip.
+# Its lr is 0.1 per batch of 128.
+PAPER_CIFAR = dict(momentum=0.9, nesterov=False, weight_decay=1e-4, wd_norm_bias=True, padding=4, flip=True)
 STUDY_CKPT_EVERY = 100  # steps: resnet56 takes about 3.5 minutes for 100 steps of 128 on one core
 
 
@@ -257,7 +261,6 @@ def train_run(run: Path, recipe: dict, data_dir: str | Path, seed: int, **fields
     (model, unit, ...): resumed from its last.ckpt when one of the same recipe is there (a finished
     run is only read back). last.ckpt is also written every STUDY_CKPT_EVERY steps, so a study
     killed mid-epoch loses at most that many. Returns (the run's summary, its metrics.csv rows)."""
-    from ..config import TrainConfig
     from ..train import train
 
     try:

@@ -12,29 +12,17 @@ import statistics
 from pathlib import Path
 
 from ..registry import create_model
-from .common import StudyError, colours_for, family_of, new_figure, train_run, write_outputs
+from .common import PAPER_CIFAR, StudyError, colours_for, family_of, new_figure, train_run, write_outputs
 
 DEFAULT_MODELS = ("plain20", "plain56", "resnet20", "resnet56")
 
-# The paper's CIFAR recipe (SGD, momentum 0.9, no Nesterov, weight decay 1e-4 on every
-# parameter, lr 0.1 per batch of 128, pad-4 crop + flip) before its first learning-rate drop: a
+# The paper's CIFAR recipe (PAPER_CIFAR, lr 0.1 per batch of 128) before its first learning-rate drop: a
 # short run sees the constant-lr start of Fig. 6. The default is sized for 2 CPU cores in a few
 # minutes (48 steps of 32 images per net), so it shows the first steps only; batch 32 gives the
 # small subset more steps than the paper's 128.
 PAPER_LR, PAPER_BATCH = 0.1, 128
-QUICK = dict(
-    epochs=3,
-    train_subset=512,
-    test_subset=500,
-    batch_size=32,
-    momentum=0.9,
-    nesterov=False,
-    weight_decay=1e-4,
-    wd_norm_bias=True,
-    schedule="constant",
-    warmup_epochs=0.0,
-    padding=4,
-    flip=True,
+QUICK = PAPER_CIFAR | dict(
+    epochs=3, train_subset=512, test_subset=500, batch_size=32, schedule="constant", warmup_epochs=0.0
 )
 # The paper's full schedule: 64k iterations of batch 128 = 164 epochs, lr / 10 at 32k and 48k.
 FULL = QUICK | dict(

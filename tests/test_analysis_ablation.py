@@ -102,6 +102,29 @@ def test_tiny_units_ablation_trains_each_variant_and_seed_and_resumes(tmp_path, 
             out_dir=tmp_path / "o",
             **(kw | {"overrides": small | {"epochs": 2}}),
         )
+    # Only the small files a results folder keeps (no checkpoint, no weights): read back, not
+    # retrained, so a study can be finished on another machine.
+    kept = tmp_path / "kept" / "ablation_runs" / "units" / "original_s0"
+    kept.mkdir(parents=True)
+    for name in ("config.toml", "metrics.csv", "summary.json"):
+        (kept / name).write_bytes((Path(r["variants"]["original"]["runs"]["0"]["run"]) / name).read_bytes())
+    back = ablation("units", seeds=[0], variants=["original"], out_dir=tmp_path / "kept", **kw)
+    assert (
+        back["variants"]["original"]["runs"]["0"]["final_test_err"]
+        == r["variants"]["original"]["runs"]["0"]["final_test_err"]
+    )
+    assert sorted(p.name for p in kept.iterdir()) == ["config.toml", "metrics.csv", "summary.json"]
+    with pytest.raises(StudyError, match="another recipe.*epochs"):
+        ablation(
+            "units",
+            seeds=[0],
+            variants=["original"],
+            out_dir=tmp_path / "kept",
+            **(kw | {"overrides": small | {"epochs": 2}}),
+        )
+    (kept / "metrics.csv").write_text((kept / "metrics.csv").read_text().splitlines()[0] + "\n")
+    with pytest.raises(StudyError, match="0 of 1 epochs and no last.ckpt"):
+        ablation("units", seeds=[0], variants=["original"], out_dir=tmp_path / "kept", **kw)
 
 
 def test_shortcut_variants_are_the_projection_and_the_max_pool():

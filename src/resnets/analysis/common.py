@@ -260,7 +260,9 @@ def train_run(run: Path, recipe: dict, data_dir: str | Path, seed: int, **fields
     """Train one CIFAR-10 run of a study in `run` with the recipe's TrainConfig fields and `fields`
     (model, unit, ...): resumed from its last.ckpt when one of the same recipe is there (a finished
     run is only read back). last.ckpt is also written every STUDY_CKPT_EVERY steps, so a study
-    killed mid-epoch loses at most that many. Returns (the run's summary, its metrics.csv rows)."""
+    killed mid-epoch loses at most that many. A finished run's small files alone (config.toml,
+    metrics.csv, summary.json, as committed under docs/results/) are read back too, so a study can
+    be completed over several machines. Returns (the run's summary, its metrics.csv rows)."""
     from ..train import train
 
     try:
@@ -275,9 +277,29 @@ def train_run(run: Path, recipe: dict, data_dir: str | Path, seed: int, **fields
         )
     except TypeError as exc:
         raise StudyError(f"unknown training option in the recipe: {exc}") from None
+    finished = finished_run(run, cfg)
+    if finished is not None:
+        return finished
     cfg = replace(cfg, out=str(run), resume=same_run(run, cfg))
     summary = train(cfg)
     return summary, read_metrics(run / "metrics.csv")
+
+
+def finished_run(run: Path, cfg) -> tuple[dict, list[dict]] | None:
+    """(summary, metrics rows) of a run of this recipe that trained all its epochs and has no
+    checkpoint left (its small files only); None when `run` holds no such run."""
+    files = [run / n for n in ("config.toml", "metrics.csv", "summary.json")]
+    if (run / "last.ckpt").exists() or not all(f.exists() for f in files):
+        return None
+    _check_recipe(run, cfg)
+    summary = json.loads(files[2].read_text())
+    rows = read_metrics(files[1])
+    if summary.get("epochs") != cfg.epochs or len(rows) != cfg.epochs:
+        raise StudyError(
+            f"{run} holds {len(rows)} of {cfg.epochs} epochs and no last.ckpt to resume from; "
+            "move it away to train it again"
+        )
+    return summary, rows
 
 
 def same_run(run: Path, cfg) -> bool:
@@ -287,6 +309,12 @@ def same_run(run: Path, cfg) -> bool:
     """
     if not (run / "last.ckpt").exists():
         return False
+    _check_recipe(run, cfg)
+    return True
+
+
+def _check_recipe(run: Path, cfg) -> None:
+    """StudyError when the run in `run` was trained with another recipe than `cfg`."""
     stored = tomllib.loads((run / "config.toml").read_text())
     # A field left to the run to resolve (None, "auto") matches whatever the run resolved it to.
     differ = [
@@ -298,7 +326,6 @@ def same_run(run: Path, cfg) -> bool:
         raise StudyError(
             f"{run} holds a run with another recipe ({', '.join(differ)} differ); pass another --out"
         )
-    return True
 
 
 def _plain(v):

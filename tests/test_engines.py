@@ -53,6 +53,23 @@ def test_engine_gives_the_eager_logits_at_any_batch(backend):
     assert list(fast.choices.values())[0]["why"] == "asked for"
 
 
+def test_openvino_engine_passes_extra_plugin_properties():
+    from resnets.engines import OpenVinoEngine
+
+    x = images(2, seed=3)
+    plain = OpenVinoEngine(trained_like().eval(), "float32", 1)
+    counted = OpenVinoEngine(trained_like().eval(), "float32", 1, config={"PERF_COUNT": True})
+    assert torch.allclose(plain(x), counted(x), atol=1e-5)
+
+    # Per-node times are counted only where PERF_COUNT reached the compiled model.
+    def conv_us(engine):
+        info = engine.requests[(3, 32, 32)].get_profiling_info()
+        return [i.real_time.total_seconds() * 1e6 for i in info if i.node_type == "Convolution"]
+
+    assert len(conv_us(counted)) >= 19 and sum(conv_us(counted)) > 0
+    assert sum(conv_us(plain)) == 0
+
+
 def fake_compile(fn, **kwargs):
     return fn  # inductor's place in the race without its minute of compiling
 

@@ -191,10 +191,12 @@ class OpenVinoEngine:
         precision: str,
         threads: int,
         calibration: list[torch.Tensor] | None = None,
+        config: dict | None = None,
     ):
         if precision == "int8" and not calibration:
             raise ValueError("int8 needs calibration batches")
         self.net, self.precision, self.threads, self.calibration = net, precision, threads, calibration
+        self.extra_config = dict(config or {})  # more CPU plugin properties, e.g. PERF_COUNT
         self.requests: dict[tuple[int, ...], object] = {}
 
     def prepare(self, shape: Sequence[int]) -> None:
@@ -234,6 +236,7 @@ class OpenVinoEngine:
             "PERFORMANCE_HINT": "LATENCY",
             # OpenVINO would run an fp32 model in bf16 on a CPU that has it; fp32 means fp32 here.
             "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bfloat16" else "f32",
+            **self.extra_config,
         }
         self.requests[key] = ov.Core().compile_model(model, "CPU", config).create_infer_request()
 

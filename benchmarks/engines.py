@@ -53,7 +53,7 @@ from resnets.bench import (
     share_weights,
     time_interleaved,
 )
-from resnets.deploy import low_precision_supported
+from resnets.deploy import _top1_agreement, low_precision_supported
 
 NETS = [
     "resnet50",
@@ -68,6 +68,8 @@ ENGINES = ["inductor", "openvino", "onnxruntime", "auto"]
 # The engines that run each deploy precision on CPU, and the ones the target compares auto with.
 ENGINES_OF = {"float32": ENGINES, "bfloat16": ["inductor", "openvino", "auto"]}
 RIVALS = {"float32": ("openvino", "onnxruntime"), "bfloat16": ("openvino",)}
+# How each precision is named in the result keys (fraction_of_bf16_matmul_peak, ...).
+PEAK_KEY = {"float32": "fp32", "bfloat16": "bf16"}
 # Untimed calls before each timed one: the previous engine's threads (OpenMP, TBB, onnxruntime)
 # spin on after its call and would otherwise bill the next engine (see bench.time_interleaved).
 SETTLE = 2
@@ -164,14 +166,6 @@ def bench_net(
     row["inductor_over_fastest_engine"] = round(med[fastest_engine] / med["inductor"], 3)
     row["fastest_engine"] = fastest_engine
     return row
-
-
-PEAK_KEY = {"float32": "fp32", "bfloat16": "bf16"}
-
-
-def _top1_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Share of rows whose argmax agrees (for batch 1 a 0/1 value; the logits are random-weight)."""
-    return (a.float().argmax(1) == b.argmax(1)).float().mean().item()
 
 
 def _precision_deploys(model: torch.nn.Module, calib: list[torch.Tensor]) -> dict[str, Any]:

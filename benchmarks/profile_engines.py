@@ -1,6 +1,6 @@
 """Where inductor's and OpenVINO's time goes, for one network on the same weights.
 
-Both engines run the deployed network (BN folded, channels-last) on the same input: inductor
+Both engines run the network with BN folded, on the same weights and input: inductor
 under `torch.profiler` (self CPU time of every op: oneDNN convolutions, inductor's fused kernels,
 everything else), OpenVINO with `PERF_COUNT` on (the CPU plugin's time per executed node and the
 kernel it chose). The time of each is split into convolutions and the rest, so the output says

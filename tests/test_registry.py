@@ -222,3 +222,31 @@ def test_counting_a_model_touches_nothing():
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert count_params_macs(model, 112)[1] < counts("resnet18")[1] / 3
+
+
+def test_create_model_builds_cifar_nets_of_other_depths_by_name():
+    # The studies' CIFAR nets are trainable by name (`resnets train --model iresnet20_cifar`),
+    # without being listed as papers' networks.
+    from dataclasses import replace
+
+    from resnets.models.cifar_depths import depth_spec
+
+    ir = create_model("iresnet20_cifar", num_classes=100)
+    assert ir.spec == replace(depth_spec("iresnet", 20), num_classes=100)
+    assert (ir.spec.block, ir.spec.shortcut, ir.spec.depths, ir.spec.stem) == (
+        "ibasic",
+        "maxpool",
+        (3, 3, 3),
+        "cifar",
+    )
+    assert ir(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    assert create_model("preact_resnet56").spec.depths == (9, 9, 9)
+    assert create_model("resnet32").spec == get_entry("resnet32").spec  # registered names win
+    assert (
+        create_model("resnet50_cifar").spec.stem == "cifar" and create_model("resnet50").spec.stem != "cifar"
+    )
+    assert not [n for n in list_models() if n.endswith("_cifar") and n.startswith("iresnet")]
+    # not 6n+2, n < 1, an iResNet depth without the suffix (iresnet{d} are ImageNet names)
+    for bad in ("resnet21", "resnet2_cifar", "iresnet20"):
+        with pytest.raises(UnknownModelError, match=f"unknown model '{bad}'"):
+            create_model(bad)

@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from .models import ENTRIES, FAMILIES, Entry, Family, Paper
+from .models.cifar_depths import sweep_spec
 from .models.net import FeatureExtractor, NetSpec, ResNet
 from .models.zoo import register
 
@@ -71,9 +72,11 @@ def resolve_spec(name: str, **overrides) -> NetSpec:
     """The spec of `name` with overrides applied.
 
     An unknown override is a TypeError naming it; an invalid value, or a field the model's block
-    does not use (which would build the default network), a ValueError naming the model.
+    does not use (which would build the default network), a ValueError naming the model. Besides
+    the registered names, the CIFAR nets of other depths in `models.cifar_depths` ("resnet32",
+    "preact_resnet56", "iresnet20_cifar") are built by name.
     """
-    spec = get_entry(name).spec
+    spec = sweep_spec(name) or get_entry(name).spec
     valid = NetSpec.field_names()
     unknown = [k for k in overrides if k not in valid]
     if unknown:
@@ -98,7 +101,8 @@ def create_model(
     act_layer: Callable[..., nn.Module] | None = None,
     **overrides,
 ) -> ResNet | FeatureExtractor:
-    """Build a registered network, e.g. `create_model("resnet50", num_classes=10, drop_path=0.1)`.
+    """Build a registered network, e.g. `create_model("resnet50", num_classes=10, drop_path=0.1)`,
+    or a CIFAR net of any depth 6n+2 by name ("preact_resnet56", "iresnet20_cifar").
 
     `features_only=True` returns a backbone that outputs the feature maps of `out_indices`
     (0 = stem, 1..4 = stages) and lists their channels and strides in `.feature_info`;

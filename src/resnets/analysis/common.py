@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, replace
@@ -17,6 +16,7 @@ from torch import nn
 from ..config import RUNTIME_FIELDS, TrainConfig
 from ..errors import ResnetsError
 from ..models import ENTRIES, FAMILIES, block_family
+from ..models.cifar_depths import CIFAR_FAMILIES, CIFAR_NAMES, EXTRA_SPECS, depth_spec, is_cifar_depth
 from ..models.net import NetSpec, ResNet
 from ..registry import create_model, get_entry
 
@@ -33,23 +33,6 @@ class StudyError(ResnetsError):
 # One colour per family (declared by the family module), used by every figure, so a family looks
 # the same across studies.
 PALETTE: dict[str, str] = {"plain": "#7f7f7f", **{f.name: f.color for f in FAMILIES.values()}}
-
-# A CIFAR-sized iResNet is not among the paper's networks (its experiments are ImageNet and
-# video), so it is not registered. This one is resnet110 with iResNet blocks and max-pool
-# shortcuts: the same stem (3x3 conv-BN-ReLU), widths and depths, so that a comparison with
-# resnet110 and preact_resnet110 differs in the block design only.
-EXTRA_SPECS: dict[str, NetSpec] = {
-    "iresnet110_cifar": NetSpec(
-        "ibasic",
-        (18, 18, 18),
-        (16, 32, 64),
-        strides=(1, 2, 2),
-        stem="cifar",
-        stem_width=16,
-        shortcut="maxpool",
-        num_classes=10,
-    ),
-}
 
 
 def family_of(model: nn.Module) -> str:
@@ -90,30 +73,13 @@ def colours_for(names: list[str], families: list[str]) -> dict[str, tuple[float,
     return out
 
 
-# CIFAR nets of any depth 6n+2 (n blocks of two 3x3 convs per stage, plus the stem conv and the
-# classifier), one per family compared by the signal study: the spec of the family's 110-layer
-# net with (n, n, n) blocks. v1 and v2 are resnet110 and preact_resnet110 of the registry
-# (resnet20 ... resnet1202 are this v1 spec at their depths); iResNet is iresnet110_cifar above.
-CIFAR_FAMILIES: dict[str, str] = {"v1": "resnet110", "v2": "preact_resnet110", "iresnet": "iresnet110_cifar"}
-# Model names of the depth sweep, per family; "{d}" is the depth.
-CIFAR_NAMES: dict[str, str] = {"v1": "resnet{d}", "v2": "preact_resnet{d}", "iresnet": "iresnet{d}_cifar"}
-# The names build_model builds from cifar_depth_spec when the registry does not have them. v1 and
-# v2 also take a "_cifar" suffix, for depths whose plain name is a registered ImageNet net
-# (resnet50, resnet152, resnet200, preact_resnet50, preact_resnet200 are all 6n+2).
-_CIFAR_NAME = re.compile(r"(?P<family>resnet|preact_resnet|iresnet)(?P<depth>\d+)(?P<cifar>_cifar)?")
-_FAMILY_OF_PREFIX = {name.partition("{d}")[0]: family for family, name in CIFAR_NAMES.items()}
-
-
 def cifar_depth_spec(family: str, depth: int) -> NetSpec:
     """The CIFAR net of `family` ("v1", "v2" or "iresnet") with `depth` = 6n+2 layers: (n, n, n) blocks."""
     if family not in CIFAR_FAMILIES:
         raise StudyError(f"unknown family {family!r}; known: {', '.join(CIFAR_FAMILIES)}")
-    n = (depth - 2) // 6
-    if isinstance(depth, bool) or not isinstance(depth, int) or n < 1 or 6 * n + 2 != depth:
+    if not is_cifar_depth(depth):
         raise StudyError(f"a CIFAR depth is 6n+2 with n >= 1 (8, 14, 20, 26, ...); got {depth}")
-    base = CIFAR_FAMILIES[family]
-    spec = EXTRA_SPECS[base] if base in EXTRA_SPECS else get_entry(base).spec
-    return replace(spec, depths=(n,) * len(spec.depths))
+    return depth_spec(family, depth)
 
 
 def cifar_depth_name(family: str, depth: int) -> str:
@@ -130,21 +96,8 @@ def cifar_depth_name(family: str, depth: int) -> str:
 
 
 def build_model(name: str, **overrides) -> ResNet:
-    """A registered model, one of the analysis-only specs in EXTRA_SPECS, or a CIFAR net of the
-    depth sweep that the registry lacks ("resnet218", "preact_resnet56", "iresnet20_cifar"; see
-    cifar_depth_spec). A registered name always builds the registry's model."""
-    if name in EXTRA_SPECS:
-        return ResNet(replace(EXTRA_SPECS[name], **overrides), name=name)
-    match = None if name in ENTRIES else _CIFAR_NAME.fullmatch(name)
-    # iResNet needs the suffix: iresnet{d} without it are the registry's ImageNet nets.
-    if match and (match["cifar"] or match["family"] != "iresnet"):
-        family, depth = _FAMILY_OF_PREFIX[match["family"]], int(match["depth"])
-        try:
-            spec = cifar_depth_spec(family, depth)
-        except StudyError:
-            spec = None  # not 6n+2: the registry's "unknown model, did you mean" is the better error
-        if spec is not None:
-            return ResNet(replace(spec, **overrides), name=name)
+    """`create_model(name)`: a registered model, or a CIFAR net of another depth that the registry
+    builds by name ("resnet218", "preact_resnet56", "iresnet20_cifar"; see models.cifar_depths)."""
     return create_model(name, **overrides)
 
 

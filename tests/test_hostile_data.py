@@ -189,6 +189,17 @@ def test_broken_cifar_batches_are_one_error_and_nothing_is_cached(case):
         assert snapshot(root) == before  # no cache of bad data, no other file
 
 
+@pytest.mark.parametrize("labels", [[0, 2**63], [-(2**63) - 1, 0], [10, 2**70]])
+def test_labels_beyond_64_bits_are_one_error(tmp_path, labels):
+    # Python ints are unbounded; numpy refused them with an OverflowError before the range check.
+    batch = good_batch(2)
+    batch[b"labels"] = labels
+    write_cifar(tmp_path / "cifar-10-batches-py", {"data_batch_1": batch}, good_meta())
+    with pytest.raises(DataError, match=r"data_batch_1: labels .* are outside 0..9"):
+        load_cifar("cifar10", tmp_path, cache_dir=tmp_path / "cache", allow_download=False)
+    assert not (tmp_path / "cache").exists()
+
+
 def test_the_unbroken_batches_load(tmp_path):
     write_cifar(tmp_path / "cifar-10-batches-py", {}, good_meta())
     data = load_cifar("cifar10", tmp_path, cache_dir=tmp_path / "cache", allow_download=False)

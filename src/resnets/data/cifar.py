@@ -146,6 +146,9 @@ def _batch_images(
     elif isinstance(labels, (list, tuple)) and all(
         isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels
     ):
+        # Python ints are unbounded: check the range before numpy has to hold them in 64 bits.
+        if labels and (min(labels) < 0 or max(labels) >= num_classes):
+            raise DataError(f"{path}: labels {min(labels)}..{max(labels)} are outside 0..{num_classes - 1}")
         labels_arr = np.asarray(labels, dtype=np.int64) if labels else np.zeros(0, np.int64)
     else:
         raise DataError(f"{path}: {label_key!r} must be a list of integer class indices")

@@ -325,3 +325,44 @@ def test_cli_flags_reach_the_study(monkeypatch, tmp_path, capsys):
         assert main([*argv, flag, value]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error:") and flag in err and len(err.strip().splitlines()) == 1
+
+
+def test_comparing_two_nets_lines_up_their_lesions(monkeypatch, tmp_path, capsys):
+    from resnets.analysis import inputs
+    from resnets.analysis.inputs import LoadedModel
+    from resnets.analysis.lesioning import _drop_profile, lesion_compare
+    from resnets.cli import main
+
+    _fake_run(monkeypatch, _tiny(depth=2))  # the test images; the models come from the map below
+    models = {"shallow": _tiny(depth=2), "deep": _tiny(depth=4)}
+    monkeypatch.setattr(
+        inputs,
+        "load_checkpoint_model",
+        lambda path: LoadedModel(models[path], path, path, (0.5,) * 3, (0.25,) * 3),
+    )
+    with pytest.raises(StudyError, match="at least two"):
+        lesion_compare(["deep"])
+    r = lesion_compare(["shallow", "deep"], max_removed=2, samples=3, out_dir=tmp_path)
+    assert [n["model"] for n in r["nets"]] == ["shallow", "deep"]
+    # Each net's numbers are those of a lesion study of it alone.
+    alone = lesion("deep", max_removed=2, samples=3)
+    assert r["nets"][1]["blocks"] == alone["blocks"] and r["nets"][1]["removed"] == alone["removed"]
+    assert [len(n["blocks"]) for n in r["nets"]] == [4, 8]
+    xs, drops = _drop_profile(r["nets"][1])
+    assert drops == sorted((100 * b["drop"] for b in alone["blocks"].values()), reverse=True)
+    assert xs == [(i + 0.5) / 8 for i in range(8)]
+    header, rows = table(r)
+    assert header[-2:] == ["1 removed %", "2 removed %"]
+    assert rows[1][:3] == ["deep", "8", f"{100 * alone['accuracy']:.2f}"]
+    two = alone["removed"]["2"]
+    assert rows[1][-1] == f"{100 * two['mean']:.1f} +- {100 * two['std']:.1f}"
+    saved = json.loads((tmp_path / "lesion.json").read_text())
+    assert [n["median_drop"] for n in saved["nets"]] == [n["median_drop"] for n in r["nets"]]
+    assert (tmp_path / "lesion.png").stat().st_size > 0
+    # The command line takes several checkpoints and prints one row per net.
+    out = tmp_path / "cli"
+    argv = ["analyze", "lesion", "--checkpoint", "shallow", "deep", "--max-removed", "1", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "shallow" in printed and "deep" in printed and "1 removed %" in printed
+    assert len(json.loads((out / "lesion.json").read_text())["nets"]) == 2

@@ -9,7 +9,7 @@ from .common import PALETTE, StudyError
 from .degradation_curves import degradation
 from .erf import receptive_field
 from .grad_cam import gradcam
-from .lesioning import lesion
+from .lesioning import lesion, lesion_compare
 from .shortcut_coverage import shortcut
 from .signal_propagation import signal
 
@@ -20,6 +20,7 @@ __all__ = [
     "degradation",
     "gradcam",
     "lesion",
+    "lesion_compare",
     "receptive_field",
     "shortcut",
     "signal",

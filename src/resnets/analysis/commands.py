@@ -149,7 +149,12 @@ def add_study_parsers(parser: argparse.ArgumentParser) -> None:
         help="accuracy with each residual block removed, and with k random ones at once; "
         "branch / shortcut ratio",
     )
-    p.add_argument("--checkpoint", required=True, help="a training run (folder or model.safetensors)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        nargs="+",
+        help="a training run (folder or model.safetensors); several: compared in one figure",
+    )
     p.add_argument("--data-dir", default=DEFAULT_DATA, help=f"CIFAR-10 folder (default {DEFAULT_DATA})")
     p.add_argument(
         "--num-test", type=int, default=1000, help="test images (fixed random subset; 0 = all 10000)"
@@ -298,17 +303,12 @@ def _gradcam(args: argparse.Namespace) -> dict:
 
 
 def _lesion(args: argparse.Namespace) -> dict:
-    from .lesioning import lesion
+    from .lesioning import lesion, lesion_compare
 
-    return lesion(
-        args.checkpoint,
-        args.data_dir,
-        args.num_test,
-        out_dir=args.out,
-        max_removed=args.max_removed,
-        samples=args.samples,
-        seed=args.seed,
-    )
+    kw = dict(out_dir=args.out, max_removed=args.max_removed, samples=args.samples, seed=args.seed)
+    if len(args.checkpoint) > 1:
+        return lesion_compare(args.checkpoint, args.data_dir, args.num_test, **kw)
+    return lesion(args.checkpoint[0], args.data_dir, args.num_test, **kw)
 
 
 # study -> (runner, module whose `table(result)` formats the printout)

@@ -5,6 +5,8 @@ measure per block how large the residual branch is next to the shortcut. If most
 deep thin net contribute little, most lesions cost little accuracy and most ratios are small.
 Then (Veit et al. 2016, Fig. 5) remove k random identity blocks at once, k = 1, 2, 3, ...: if
 the net behaves like an ensemble of many paths, accuracy falls smoothly with k, not abruptly.
+Several trained nets (`lesion_compare`) are set side by side: the claim is about depth, so what
+decides it is whether a deeper net of the same family, trained alike, loses less per block.
 
 Every residual block of the library applies its `drop_path` module to the residual branch right
 before the add, so a forward hook that turns that module's output into zeros removes exactly the
@@ -247,6 +249,84 @@ def lesion(
     return result
 
 
+def lesion_compare(
+    checkpoints: list[str | Path],
+    data_dir: str | Path = "data/cifar10-jpeg",
+    num_test: int = 1000,
+    out_dir: str | Path | None = None,
+    max_removed: int = 3,
+    samples: int = 20,
+    seed: int = 0,
+) -> dict:
+    """`lesion` for each of several trained runs on the same test images, and one figure comparing
+    them: the sorted single-block drops against the fraction of blocks (Veit et al. 2016, Fig. 3
+    asks how many blocks matter) and the accuracy against the fraction of identity blocks removed
+    at once (their Fig. 5)."""
+    if len(checkpoints) < 2:
+        raise StudyError("comparing lesions needs at least two checkpoints")
+    nets = [
+        lesion(c, data_dir, num_test, max_removed=max_removed, samples=samples, seed=seed)
+        for c in checkpoints
+    ]
+    result = {"nets": nets, "num_test": nets[0]["num_test"], "samples": samples, "seed": seed}
+    if out_dir is not None:
+        result["files"] = write_outputs(out_dir, "lesion", result, plot_compare(result))
+    return result
+
+
+def _drop_profile(net: dict) -> tuple[list[float], list[float]]:
+    """(fraction of blocks, drop in points), drops sorted from the largest: a quantile curve."""
+    drops = sorted((100 * b["drop"] for b in net["blocks"].values()), reverse=True)
+    n = len(drops)
+    return [(i + 0.5) / n for i in range(n)], drops
+
+
+def plot_compare(result: dict):
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12.8, 4.8))
+    nets = result["nets"]
+    by_family: dict[str, int] = {}
+    for net in nets:
+        by_family[net["family"]] = by_family.get(net["family"], 0) + 1
+    colours = {fam: iter(shades(fam, n)) for fam, n in by_family.items()}
+    markers = itertools.cycle("osD^v")
+    for net in nets:
+        colour, marker = next(colours[net["family"]]), next(markers)
+        n_blocks = len(net["blocks"])
+        label = f"{net['model']}: {n_blocks} blocks, intact {100 * net['accuracy']:.1f}%"
+        xs, drops = _drop_profile(net)
+        ax1.plot(xs, drops, marker=marker, ms=4, color=colour, label=label)
+        removed = net.get("removed") or {}
+        if removed:
+            n_id = net["identity_blocks"]
+            ks = [0, *(int(k) for k in removed)]
+            means = [100 * net["accuracy"], *(100 * removed[str(k)]["mean"] for k in ks[1:])]
+            lo = [0.0, *(100 * (removed[str(k)]["mean"] - removed[str(k)]["min"]) for k in ks[1:])]
+            hi = [0.0, *(100 * (removed[str(k)]["max"] - removed[str(k)]["mean"]) for k in ks[1:])]
+            ax2.errorbar(
+                [k / n_id for k in ks],
+                means,
+                yerr=[lo, hi],
+                color=colour,
+                marker=marker,
+                ms=4,
+                capsize=3,
+                lw=1,
+                label=f"{net['model']}: k = 0..{ks[-1]} of {n_id}",
+            )
+    ax1.set_xlabel("fraction of residual blocks, sorted by the damage their removal does")
+    ax1.set_ylabel("accuracy drop when the block is removed (points)")
+    ax1.set_title(f"Remove one block at a time ({result['num_test']} test images)", fontsize=10)
+    ax2.set_xlabel("fraction of identity-shortcut blocks removed at once (k / count)")
+    ax2.set_ylabel("test accuracy (%); bars: min..max over subsets")
+    ax2.set_title(f"Remove k random blocks at once (up to {result['samples']} subsets per k)", fontsize=10)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def plot(result: dict):
     labels = list(result["blocks"])
     stages = sorted({lab.split(".")[0] for lab in labels})
@@ -334,6 +414,8 @@ def _plot_removed(ax, result: dict, removed: dict):
 
 
 def table(result: dict) -> tuple[list[str], list[list[str]]]:
+    if "nets" in result:
+        return _compare_table(result)
     rows = [["intact", f"{100 * result['accuracy']:.2f}", "-", "-"]]
     for label, b in result["blocks"].items():
         rows.append(
@@ -358,3 +440,28 @@ def table(result: dict) -> tuple[list[str], list[list[str]]]:
                 ]
             )
     return ["block removed", "accuracy %", "drop (points)", "branch/shortcut"], rows
+
+
+def _compare_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    ks = sorted({int(k) for net in result["nets"] for k in (net.get("removed") or {})})
+    header = ["net", "blocks", "intact %", "median drop", "max drop", *(f"{k} removed %" for k in ks)]
+    rows = []
+    for net in result["nets"]:
+        drops = [100 * b["drop"] for b in net["blocks"].values()]
+        removed = net.get("removed") or {}
+        rows.append(
+            [
+                net["model"],
+                str(len(drops)),
+                f"{100 * net['accuracy']:.2f}",
+                f"{100 * net['median_drop']:.2f}",
+                f"{max(drops):.2f}",
+                *(
+                    f"{100 * removed[str(k)]['mean']:.1f} +- {100 * removed[str(k)]['std']:.1f}"
+                    if str(k) in removed
+                    else "-"
+                    for k in ks
+                ),
+            ]
+        )
+    return header, rows

@@ -246,7 +246,25 @@ def test_create_model_builds_cifar_nets_of_other_depths_by_name():
         create_model("resnet50_cifar").spec.stem == "cifar" and create_model("resnet50").spec.stem != "cifar"
     )
     assert not [n for n in list_models() if n.endswith("_cifar") and n.startswith("iresnet")]
-    # not 6n+2, n < 1, an iResNet depth without the suffix (iresnet{d} are ImageNet names)
-    for bad in ("resnet21", "resnet2_cifar", "iresnet20"):
+    # A ResNet and a Res2Net that differ in the block only, at nearly the same cost.
+    plain_b, r2 = create_model("resnet56_bottleneck_cifar"), create_model("res2net56_26w_4s_cifar")
+    v2 = get_entry("preact_resnet164").spec
+    assert plain_b.spec == replace(v2, block="bottleneck", depths=(6, 6, 6))
+    assert r2.spec == replace(plain_b.spec, block="res2net", base_width=26, scale=4)
+    n_plain, n_r2 = (sum(p.numel() for p in m.parameters()) for m in (plain_b, r2))
+    assert (n_plain, n_r2) == (591322, 597792)
+    assert r2(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert create_model("resnet164_bottleneck_cifar").spec.depths == (18, 18, 18)
+    # not 6n+2, n < 1, an iResNet depth without the suffix (iresnet{d} are ImageNet names), a
+    # bottleneck depth that is not 9n+2, a Res2Net of scale 1 (a bottleneck)
+    for bad in (
+        "resnet21",
+        "resnet2_cifar",
+        "iresnet20",
+        "resnet21_bottleneck_cifar",
+        "res2net2_26w_4s_cifar",
+        "res2net56_26w_1s_cifar",
+        "res2net56_0w_4s_cifar",
+    ):
         with pytest.raises(UnknownModelError, match=f"unknown model '{bad}'"):
             create_model(bad)

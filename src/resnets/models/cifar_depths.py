@@ -12,6 +12,11 @@ needs to train what a study measured. `sweep_spec(name)` is the spec of such a n
   CIFAR-sized iResNet, which the iResNet paper does not define (its experiments are ImageNet and
   video). It is resnet110's stem (3x3 conv-BN-ReLU), widths and strides with iResNet blocks and
   max-pool shortcuts, so that it differs from resnet{d} and preact_resnet{d} in the block only.
+- "resnet{d}_bottleneck_cifar" and "res2net{d}_{w}w_{s}s_cifar", d = 9n + 2: preact_resnet164's
+  stem, widths (64, 128, 256) and projection shortcuts with (n, n, n) original (v1) bottleneck
+  blocks, or Res2Net blocks of width w and scale s (Gao et al. 2019, Fig. 2) in their place: a
+  ResNet and a Res2Net that differ in the block only, at nearly the same cost
+  (resnet56_bottleneck_cifar 0.59M parameters, res2net56_26w_4s_cifar 0.60M), to train alike.
 
 A registered name always means the registry's model; this module is only asked about the others.
 """
@@ -43,6 +48,9 @@ CIFAR_FAMILIES: dict[str, str] = {"v1": "resnet110", "v2": "preact_resnet110", "
 CIFAR_NAMES: dict[str, str] = {"v1": "resnet{d}", "v2": "preact_resnet{d}", "iresnet": "iresnet{d}_cifar"}
 _CIFAR_NAME = re.compile(r"(?P<family>resnet|preact_resnet|iresnet)(?P<depth>\d+)(?P<cifar>_cifar)?")
 _FAMILY_OF_PREFIX = {name.partition("{d}")[0]: family for family, name in CIFAR_NAMES.items()}
+_BOTTLENECK_NAME = re.compile(
+    r"(?:resnet(?P<depth>\d+)_bottleneck|res2net(?P<r2depth>\d+)_(?P<w>\d+)w_(?P<s>\d+)s)_cifar"
+)
 
 
 def is_cifar_depth(depth: object) -> bool:
@@ -65,6 +73,9 @@ def sweep_spec(name: str) -> NetSpec | None:
         return None
     if name in EXTRA_SPECS:
         return EXTRA_SPECS[name]
+    bottleneck = _BOTTLENECK_NAME.fullmatch(name)
+    if bottleneck:
+        return _bottleneck_spec(bottleneck)
     match = _CIFAR_NAME.fullmatch(name)
     if (
         match is None
@@ -73,3 +84,18 @@ def sweep_spec(name: str) -> NetSpec | None:
     ):
         return None
     return depth_spec(_FAMILY_OF_PREFIX[match["family"]], int(match["depth"]))
+
+
+def _bottleneck_spec(match: re.Match) -> NetSpec | None:
+    """The bottleneck or Res2Net CIFAR net a `_BOTTLENECK_NAME` match names, or None where its depth
+    is not 9n + 2 or its width or scale is out of range."""
+    depth = int(match["depth"] or match["r2depth"])
+    if depth < 11 or (depth - 2) % 9:
+        return None
+    spec = replace(ENTRIES["preact_resnet164"].spec, block="bottleneck", depths=((depth - 2) // 9,) * 3)
+    if match["depth"]:
+        return spec
+    width, scale = int(match["w"]), int(match["s"])
+    if width < 1 or scale < 2:
+        return None
+    return replace(spec, block="res2net", base_width=width, scale=scale)

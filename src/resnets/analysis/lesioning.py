@@ -15,6 +15,7 @@ branch and nothing else (any BN-ReLU after the add, as in v1 and iResNet end blo
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import math
@@ -209,18 +210,20 @@ def lesion(
     max_removed: int = 3,
     samples: int = 20,
     seed: int = 0,
+    test_data=None,
 ) -> dict:
     """Test accuracy with each residual block removed, and branch / shortcut ratios, for a trained run.
 
     `num_test` images of the CIFAR-10 test split in `data_dir` (a fixed random subset; 0 = all).
     Then, as `lesion_k`, accuracy with k = 1..`max_removed` random identity blocks removed at
     once, `samples` subsets per k drawn with `seed` (max_removed=0 skips this part; a net with
-    no identity block gets an empty "removed").
+    no identity block gets an empty "removed"). `test_data`: that subset already loaded
+    (`inputs.load_cifar_test`), so that several runs share one load.
     """
     from .inputs import load_checkpoint_model, load_cifar_test
 
     m = load_checkpoint_model(checkpoint)
-    data = load_cifar_test(data_dir, num_test)
+    data = load_cifar_test(data_dir, num_test) if test_data is None else test_data
     batches = [
         (m.normalise(data.test_x[i : i + batch_size]), data.test_y[i : i + batch_size])
         for i in range(0, data.num_test, batch_size)
@@ -262,11 +265,13 @@ def lesion_compare(
     them: the sorted single-block drops against the fraction of blocks (Veit et al. 2016, Fig. 3
     asks how many blocks matter) and the accuracy against the fraction of identity blocks removed
     at once (their Fig. 5)."""
+    from .inputs import load_cifar_test
+
     if len(checkpoints) < 2:
         raise StudyError("comparing lesions needs at least two checkpoints")
+    data = load_cifar_test(data_dir, num_test)
     nets = [
-        lesion(c, data_dir, num_test, max_removed=max_removed, samples=samples, seed=seed)
-        for c in checkpoints
+        lesion(c, max_removed=max_removed, samples=samples, seed=seed, test_data=data) for c in checkpoints
     ]
     result = {"nets": nets, "num_test": nets[0]["num_test"], "samples": samples, "seed": seed}
     if out_dir is not None:
@@ -285,9 +290,7 @@ def plot_compare(result: dict):
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12.8, 4.8))
     nets = result["nets"]
-    by_family: dict[str, int] = {}
-    for net in nets:
-        by_family[net["family"]] = by_family.get(net["family"], 0) + 1
+    by_family = collections.Counter(net["family"] for net in nets)
     colours = {fam: iter(shades(fam, n)) for fam, n in by_family.items()}
     markers = itertools.cycle("osD^v")
     for net in nets:
@@ -299,10 +302,7 @@ def plot_compare(result: dict):
         removed = net.get("removed") or {}
         if removed:
             n_id = net["identity_blocks"]
-            ks = [0, *(int(k) for k in removed)]
-            means = [100 * net["accuracy"], *(100 * removed[str(k)]["mean"] for k in ks[1:])]
-            lo = [0.0, *(100 * (removed[str(k)]["mean"] - removed[str(k)]["min"]) for k in ks[1:])]
-            hi = [0.0, *(100 * (removed[str(k)]["max"] - removed[str(k)]["mean"]) for k in ks[1:])]
+            ks, means, lo, hi = _removed_series(net, removed)
             ax2.errorbar(
                 [k / n_id for k in ks],
                 means,
@@ -368,14 +368,22 @@ def plot(result: dict):
     return fig
 
 
-def _plot_removed(ax, result: dict, removed: dict):
-    """Accuracy against the number of identity blocks removed at once (Veit et al. 2016, Fig. 5)."""
-    colour = shades(result["family"], 1)[0]
+def _removed_series(result: dict, removed: dict) -> tuple[list[int], list[float], list[float], list[float]]:
+    """k = 0 (intact), 1, 2, ...; mean accuracy (%) at each k; the distances (points) from the mean
+    down to the worst and up to the best subset: an errorbar's x, y and yerr."""
     ks = [0, *(int(k) for k in removed)]
     stats = [removed[str(k)] for k in ks[1:]]
     means = [100 * result["accuracy"], *(100 * r["mean"] for r in stats)]
     lows = [0.0, *(100 * (r["mean"] - r["min"]) for r in stats)]
     highs = [0.0, *(100 * (r["max"] - r["mean"]) for r in stats)]
+    return ks, means, lows, highs
+
+
+def _plot_removed(ax, result: dict, removed: dict):
+    """Accuracy against the number of identity blocks removed at once (Veit et al. 2016, Fig. 5)."""
+    colour = shades(result["family"], 1)[0]
+    ks, means, lows, highs = _removed_series(result, removed)
+    stats = [removed[str(k)] for k in ks[1:]]
     for k, r in zip(ks[1:], stats):
         n = len(r["accuracies"])
         jitter = [0.0] if n == 1 else [0.25 * (i / (n - 1) - 0.5) for i in range(n)]

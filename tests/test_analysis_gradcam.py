@@ -355,9 +355,13 @@ def test_command_line_metric_options(tmp_path, capsys):
     paths = _write_images(tmp_path, 2)
     argv = ["analyze", "gradcam", "--model", "resnet20", "--image", *paths, "--steps", "2"]
     code = main([*argv, "--metric-images", "1", "--blur-sigma", "1.5", "--out", str(tmp_path / "o")])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
     saved = json.loads((tmp_path / "o" / "gradcam.json").read_text())
-    assert code == 0 and "insertion AUC" in out
+    assert code == 0 and "insertion AUC" in captured.out
+    # The metric's progress goes to stderr, one line as each model's starts and ends: 2 maps x
+    # 2 curves x 3 steps x 1 image.
+    assert "resnet20: deletion and insertion on 1 images, 12 forward images" in captured.err
+    assert "resnet20: done in" in captured.err
     assert saved["metric"]["images"] == ["img0.png"] and saved["metric"]["blur_sigma"] == 1.5
     assert len(saved["models"]["resnet20"]["metric"]["deletion"]["curve"]) == 3
     assert main([*argv, "--blur-sigma", "-1", "--out", str(tmp_path / "o")]) == 2

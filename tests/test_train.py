@@ -12,7 +12,7 @@ import torch
 from resnets.checkpoint import load_model_file
 from resnets.cli import main
 from resnets.config import TrainConfig, from_dict
-from resnets.errors import ConfigError, TrainingError
+from resnets.errors import ConfigError, DataError, TrainingError
 from resnets.evaluate import evaluate_file
 from resnets.train import METRIC_COLUMNS, train
 
@@ -128,6 +128,37 @@ def test_resume_gives_bit_identical_weights(tmp_path):
     ]
     with open(tmp_path / "resumed" / "metrics.csv") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3"]
+
+
+def test_resume_reads_the_data_from_where_the_run_found_it(tmp_path, cifar_tree, monkeypatch):
+    """`resnets train --out RUN --resume` (the line a stopped run prints) needs no --data-dir:
+    the data come from the run's own data_dir while it exists, from the flag once it moved."""
+    kw = dict(data="cifar10", data_dir=str(cifar_tree), download=False, train_subset=0, test_subset=0)
+    kw.update(batch_size=10, epochs=2, warmup_epochs=0)
+
+    class Crash(Exception):
+        pass
+
+    def crash(row):
+        raise Crash
+
+    for run in ("r", "s"):
+        with pytest.raises(Crash):
+            train(tiny(tmp_path / run, **kw), callback=crash)
+    monkeypatch.chdir(tmp_path)  # the default data_dir ("data") holds nothing here
+    resume = {"resume": True, "quiet": True, "download": False}
+    summary = train(from_dict({"out": str(tmp_path / "r"), **resume}))
+    assert summary["epochs"] == 2
+    with open(tmp_path / "r" / "metrics.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+    assert f'data_dir = "{cifar_tree}"' in (tmp_path / "r" / "config.toml").read_text()
+
+    # Moved: the old place is gone, so the default is looked at, then the place given.
+    moved = cifar_tree.rename(tmp_path / "moved")
+    with pytest.raises(DataError, match="cifar10 is not in data"):
+        train(from_dict({"out": str(tmp_path / "s"), **resume}))
+    train(from_dict({"out": str(tmp_path / "s"), "data_dir": str(moved), **resume}))
+    assert f'data_dir = "{moved}"' in (tmp_path / "s" / "config.toml").read_text()
 
 
 def test_explicit_out_holding_a_run_needs_resume(tmp_path):

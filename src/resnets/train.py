@@ -700,8 +700,21 @@ def _resolve_recipe(cfg: TrainConfig, world: int, main: bool) -> tuple[TrainConf
         ckpt = load_checkpoint(out / "last.ckpt")
         validate_checkpoint(ckpt, out / "last.ckpt")  # a foreign or hand-edited file: one line
         stored = {k: v for k, v in ckpt["config"].items() if k not in RUNTIME_FIELDS}
-        cfg = from_dict({**asdict(cfg), **stored}, f"{out / 'last.ckpt'}")
+        cfg = from_dict(
+            {**asdict(cfg), **stored, **_stored_data_place(cfg, ckpt["config"])}, f"{out / 'last.ckpt'}"
+        )
     return replace(cfg, out=str(out), warmup_epochs=cfg.warmup()), out, ckpt
+
+
+def _stored_data_place(cfg: TrainConfig, stored: dict) -> dict:
+    """Where a resumed run finds its data when no other place is given: the data_dir / cache_dir
+    it was trained from, as long as that folder still exists (a moved dataset needs --data-dir)."""
+    keep = {}
+    for name in ("data_dir", "cache_dir"):
+        default, was = TrainConfig.__dataclass_fields__[name].default, stored.get(name)
+        if getattr(cfg, name) == default and was is not None and was != default and Path(was).is_dir():
+            keep[name] = was
+    return keep
 
 
 def _prepare_data(cfg: TrainConfig, device: torch.device, world: int, main: bool):

@@ -7,6 +7,7 @@ imports (matplotlib, the studies) happen only when a study runs.
 from __future__ import annotations
 
 import argparse
+import sys
 
 DEFAULT_OUT = "runs/analysis"
 DEFAULT_DATA = "data/cifar10-jpeg"
@@ -299,6 +300,7 @@ def _gradcam(args: argparse.Namespace) -> dict:
         metric_images=args.metric_images,
         steps=args.steps,
         blur_sigma=args.blur_sigma,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
     )
 
 

@@ -16,6 +16,8 @@ compared by their gain over it, which also discounts how confident each net is o
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -264,6 +266,7 @@ def gradcam(
     metric_images: int = METRIC_IMAGES,
     steps: int = STEPS,
     blur_sigma: float = BLUR_SIGMA,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Grad-CAM maps of the output of `stage` (default the last) for each model, on the same images,
     and their deletion / insertion AUCs against random maps (see the module docstring).
@@ -274,7 +277,8 @@ def gradcam(
     from the CIFAR test split in `data_dir`, one class after another. The metric runs on
     `metric_images` other test images drawn at random with `seed` (the same for every model), or
     on the first `metric_images` files; 0 skips it. Curves have `steps` steps of 1/steps of the
-    pixels each; insertion starts from a Gaussian blur of `blur_sigma` pixels.
+    pixels each; insertion starts from a Gaussian blur of `blur_sigma` pixels. `log` receives a
+    line as each model's metric starts and ends (the metric is most of the study's time).
     """
     if steps < 1:
         raise StudyError(f"steps must be a positive integer, got {steps}")
@@ -340,7 +344,14 @@ def gradcam(
         if labels is not None:
             entry["accuracy"] = float((target == labels).double().mean())
         if xm is not None:
+            start = time.perf_counter()
+            if log is not None:  # two maps (Grad-CAM, random) x two curves x (steps + 1) images each
+                log(
+                    f"{m.label}: deletion and insertion on {len(xm)} images, {4 * (steps + 1) * len(xm)} forward images"
+                )
             metric = faithfulness(m.model, xm, m.model.stages[stage], steps, blur_sigma, seed)
+            if log is not None:
+                log(f"{m.label}: done in {time.perf_counter() - start:.0f} s")
             if metric_labels is not None:
                 metric["accuracy"] = float(
                     (torch.tensor(metric["predicted"]) == metric_labels).double().mean()

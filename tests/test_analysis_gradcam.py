@@ -366,3 +366,13 @@ def test_command_line_metric_options(tmp_path, capsys):
     assert len(saved["models"]["resnet20"]["metric"]["deletion"]["curve"]) == 3
     assert main([*argv, "--blur-sigma", "-1", "--out", str(tmp_path / "o")]) == 2
     assert "blur sigma" in capsys.readouterr().err
+
+
+def test_row_labels_split_model_and_run_and_wrap():
+    from resnets.analysis.grad_cam import _row_label
+
+    label = "res2net56_26w_4s_cifar (gc_res2net56_26w_4s_cifar_s0)"
+    assert _row_label(label).split("\n") == ["res2net56_26w_4s_cifar", "(gc_res2net56_26w_4s_cifar_s0)"]
+    long = _row_label("x" * 50, width=20).split("\n")
+    assert [len(t) for t in long] == [20, 20, 10]
+    assert _row_label("resnet20") == "resnet20"

@@ -16,6 +16,7 @@ compared by their gain over it, which also discounts how confident each net is o
 from __future__ import annotations
 
 import math
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -428,7 +429,7 @@ def plot(result: dict, pixels: torch.Tensor, overlays: dict[str, torch.Tensor]):
             axes[i][j].imshow(images[j])
             im = axes[i][j].imshow(cam.numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
             axes[i][j].set_title(f"{e['predicted'][j]} ({e['probability'][j]:.2f})", fontsize=7)
-        axes[i][0].set_ylabel(label, fontsize=8, color=colours[label])
+        axes[i][0].set_ylabel(_row_label(label), fontsize=6, color=colours[label])
     for ax in (a for row in axes for a in row):
         ax.set_xticks([])
         ax.set_yticks([])
@@ -450,6 +451,13 @@ def plot(result: dict, pixels: torch.Tensor, overlays: dict[str, torch.Tensor]):
             label="Grad-CAM (relative to the image's maximum)",
         )
     return fig
+
+
+def _row_label(label: str, width: int = 34) -> str:
+    """A row's label in lines short enough to stay beside its own row: "model (run)" splits
+    into the model and the run, and each part wraps at `width` characters."""
+    parts = label.replace(" (", "\n(").split("\n")
+    return "\n".join(textwrap.fill(p, width) for p in parts)
 
 
 def _plot_curves(pair, result: dict, colours: dict) -> None:

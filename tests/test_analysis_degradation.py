@@ -80,3 +80,19 @@ def test_seeds_are_studies_of_their_own_combined_by_mean_and_range(tmp_path, cif
         rows[0][2]
         == f"{100 * r['models']['resnet20']['final_train_err']:.1f} ({100 * one[0]['models']['resnet20']['final_train_err']:.1f}, {100 * one[1]['models']['resnet20']['final_train_err']:.1f})"
     )
+
+
+def test_command_line_fixes_the_precision_of_new_runs_and_checks_old_ones(tmp_path, cifar_tree, capsys):
+    """`--amp off` trains in fp32 whatever the hardware has, so nets added to a study later match
+    the numerics of the runs read back; a run of the other precision is refused, not mixed in."""
+    from resnets.cli import main
+
+    argv = ["analyze", "degradation", "--model", "resnet20", "--data-dir", str(cifar_tree)]
+    argv += ["--epochs", "1", "--train-subset", "0", "--test-subset", "0", "--batch-size", "10"]
+    argv += ["--out", str(tmp_path)]
+    assert main([*argv, "--amp", "off"]) == 0
+    config = (tmp_path / "degradation_runs" / "resnet20" / "config.toml").read_text()
+    assert 'amp = "off"' in config
+    assert main([*argv, "--amp", "bf16"]) == 2
+    assert "another recipe (amp differ)" in capsys.readouterr().err
+    assert main(argv) == 0  # auto accepts what the run resolved

@@ -53,6 +53,7 @@ def _block(value: str) -> tuple[int, int]:
 
 
 def add_study_parsers(parser: argparse.ArgumentParser) -> None:
+    from ..config import AMP_MODES
     from .degradation_curves import DEFAULT_MODELS as DEGRADATION_MODELS
     from .erf import DEFAULT_MODELS as ERF_MODELS
     from .grad_cam import BLUR_SIGMA, METRIC_IMAGES, STEPS
@@ -190,6 +191,13 @@ def add_study_parsers(parser: argparse.ArgumentParser) -> None:
         "--lr", type=float, default=None, help="default: 0.1 x batch / 128, the paper's lr per image"
     )
     p.add_argument(
+        "--amp",
+        choices=AMP_MODES,
+        default=None,
+        help="mixed precision of the runs (default auto: bf16 where the hardware has it); a run "
+        "read back must match unless auto",
+    )
+    p.add_argument(
         "--seeds",
         nargs="+",
         type=_non_negative,
@@ -248,6 +256,7 @@ def _degradation(args: argparse.Namespace) -> dict:
             ("test_subset", args.test_subset),
             ("batch_size", args.batch_size),
             ("lr", args.lr),
+            ("amp", args.amp),
         )
         if v is not None
     }

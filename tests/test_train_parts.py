@@ -517,3 +517,15 @@ def test_a_checkpoint_of_another_network_is_one_line():
     )
     with pytest.raises(CheckpointError, match=r"^x.ckpt: its model state does not fit this run"):
         st.load_state_dict(small, "x.ckpt")
+
+
+def test_progress_bar_on_a_terminal_and_epoch_lines_only_in_a_log(tmp_path, capsys, monkeypatch):
+    args = ["train", "--train-subset", "64", "--test-subset", "16", "--epochs", "1", "--batch-size", "32"]
+    assert main([*args, "--out", str(tmp_path / "log")]) == 0
+    captured = capsys.readouterr()
+    assert "epoch 1/1  train loss" in captured.out and "it/s" not in captured.err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main([*args, "--out", str(tmp_path / "tty")]) == 0
+    captured = capsys.readouterr()
+    assert "2/2 [" in captured.err  # tqdm's bar: steps done / steps of the epoch
+    assert "train loss" not in captured.out  # the bar's last state shows the epoch instead

@@ -900,11 +900,13 @@ class _Run:
         # A resumed partial epoch's totals (over all ranks) sit on rank 0.
         totals = Totals(self.device, state.epoch_sums if first and self.main else None)
         seen0 = totals.read()["seen"]
+        # A bar on a terminal; --quiet or a log file gets one line per epoch instead.
+        bar_shown = not cfg.quiet and sys.stderr.isatty()
         with tqdm(
             total=steps,
             initial=first,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=cfg.quiet or not self.main,
+            disable=not bar_shown or not self.main,
             dynamic_ncols=True,
             file=sys.stderr,
         ) as bar:
@@ -976,7 +978,7 @@ class _Run:
         self.snapshot(totals, 0.0)
         if self.log is not None:
             self.log.epoch(state.metrics, state.step)
-            if cfg.quiet:
+            if not bar_shown:
                 print(_epoch_line(row, cfg.epochs), flush=True)
         return row
 
@@ -1056,7 +1058,7 @@ def _epoch_row(epoch: int, v: dict, test: dict, lr: float, train_s: float, time_
 
 
 def _epoch_line(row: dict, epochs: int) -> str:
-    """The epoch's line of a --quiet run."""
+    """The epoch's line of a run without a progress bar (--quiet, or not on a terminal)."""
     return (
         f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_top1']:.4f}"
         f"  test loss {row['test_loss']:.4f} top1 {row['test_top1']:.4f} top5 {row['test_top5']:.4f}"

@@ -130,11 +130,12 @@ def test_resume_gives_bit_identical_weights(tmp_path):
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3"]
 
 
-def test_resume_reads_the_data_from_where_the_run_found_it(tmp_path, cifar_tree, monkeypatch):
-    """`resnets train --out RUN --resume` (the line a stopped run prints) needs no --data-dir:
-    the data come from the run's own data_dir while it exists, from the flag once it moved."""
+def test_resume_keeps_the_runs_data_place_and_run_settings(tmp_path, cifar_tree, monkeypatch):
+    """`resnets train --out RUN --resume` (the line a stopped run prints) needs no other flag:
+    the data come from the run's own data_dir while it exists (from the flag once it moved), and
+    its checkpoint cadence and bad-step policy stay what they were."""
     kw = dict(data="cifar10", data_dir=str(cifar_tree), download=False, train_subset=0, test_subset=0)
-    kw.update(batch_size=10, epochs=2, warmup_epochs=0)
+    kw.update(batch_size=10, epochs=2, warmup_epochs=0, ckpt_every=2, nonfinite="skip")
 
     class Crash(Exception):
         pass
@@ -151,14 +152,17 @@ def test_resume_reads_the_data_from_where_the_run_found_it(tmp_path, cifar_tree,
     assert summary["epochs"] == 2
     with open(tmp_path / "r" / "metrics.csv") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
-    assert f'data_dir = "{cifar_tree}"' in (tmp_path / "r" / "config.toml").read_text()
+    config = (tmp_path / "r" / "config.toml").read_text()
+    assert f'data_dir = "{cifar_tree}"' in config
+    assert "ckpt_every = 2\n" in config and 'nonfinite = "skip"' in config
 
     # Moved: the old place is gone, so the default is looked at, then the place given.
     moved = cifar_tree.rename(tmp_path / "moved")
     with pytest.raises(DataError, match="cifar10 is not in data"):
         train(from_dict({"out": str(tmp_path / "s"), **resume}))
-    train(from_dict({"out": str(tmp_path / "s"), "data_dir": str(moved), **resume}))
-    assert f'data_dir = "{moved}"' in (tmp_path / "s" / "config.toml").read_text()
+    train(from_dict({"out": str(tmp_path / "s"), "data_dir": str(moved), "ckpt_every": 3, **resume}))
+    config = (tmp_path / "s" / "config.toml").read_text()
+    assert f'data_dir = "{moved}"' in config and "ckpt_every = 3\n" in config  # given: changed
 
 
 def test_explicit_out_holding_a_run_needs_resume(tmp_path):

@@ -701,19 +701,30 @@ def _resolve_recipe(cfg: TrainConfig, world: int, main: bool) -> tuple[TrainConf
         validate_checkpoint(ckpt, out / "last.ckpt")  # a foreign or hand-edited file: one line
         stored = {k: v for k, v in ckpt["config"].items() if k not in RUNTIME_FIELDS}
         cfg = from_dict(
-            {**asdict(cfg), **stored, **_stored_data_place(cfg, ckpt["config"])}, f"{out / 'last.ckpt'}"
+            {**asdict(cfg), **stored, **_stored_runtime(cfg, ckpt["config"])}, f"{out / 'last.ckpt'}"
         )
     return replace(cfg, out=str(out), warmup_epochs=cfg.warmup()), out, ckpt
 
 
-def _stored_data_place(cfg: TrainConfig, stored: dict) -> dict:
-    """Where a resumed run finds its data when no other place is given: the data_dir / cache_dir
-    it was trained from, as long as that folder still exists (a moved dataset needs --data-dir)."""
+# How-to-run fields a resumed run keeps from its start unless given again: where its data are,
+# and how it checkpoints, logs and treats bad steps. Speed settings (threads, compile,
+# channels-last) are chosen afresh for the machine it resumes on.
+KEPT_ON_RESUME = ("data_dir", "cache_dir", "download", "workers", "eval_batch_size", "ckpt_every")
+KEPT_ON_RESUME += ("nonfinite", "tensorboard", "log_every", "quiet")
+
+
+def _stored_runtime(cfg: TrainConfig, stored: dict) -> dict:
+    """The KEPT_ON_RESUME fields of the run's start that `cfg` leaves at their defaults (a field
+    given its default value explicitly reads the same). The data folders only while they still
+    exist: a moved dataset is looked for at the place given, or the default."""
     keep = {}
-    for name in ("data_dir", "cache_dir"):
+    for name in KEPT_ON_RESUME:
         default, was = TrainConfig.__dataclass_fields__[name].default, stored.get(name)
-        if getattr(cfg, name) == default and was is not None and was != default and Path(was).is_dir():
-            keep[name] = was
+        if getattr(cfg, name) != default or name not in stored or was == default:
+            continue
+        if name in ("data_dir", "cache_dir") and (was is None or not Path(was).is_dir()):
+            continue
+        keep[name] = was
     return keep
 
 

@@ -706,11 +706,12 @@ def _resolve_recipe(cfg: TrainConfig, world: int, main: bool) -> tuple[TrainConf
     return replace(cfg, out=str(out), warmup_epochs=cfg.warmup()), out, ckpt
 
 
-# How-to-run fields a resumed run keeps from its start unless given again: where its data are,
-# and how it checkpoints, logs and treats bad steps. Speed settings (threads, compile,
-# channels-last) are chosen afresh for the machine it resumes on.
-KEPT_ON_RESUME = ("data_dir", "cache_dir", "download", "workers", "eval_batch_size", "ckpt_every")
-KEPT_ON_RESUME += ("nonfinite", "tensorboard", "log_every", "quiet")
+# How-to-run fields a resumed run keeps from its start unless given again (where its data are,
+# how it checkpoints, logs and treats bad steps): all but the run folder and the speed settings,
+# which are chosen afresh for the machine it resumes on.
+KEPT_ON_RESUME = tuple(
+    f for f in RUNTIME_FIELDS if f not in ("out", "resume", "channels_last", "compile", "threads")
+)
 
 
 def _stored_runtime(cfg: TrainConfig, stored: dict) -> dict:

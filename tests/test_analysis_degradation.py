@@ -96,3 +96,17 @@ def test_command_line_fixes_the_precision_of_new_runs_and_checks_old_ones(tmp_pa
     assert main([*argv, "--amp", "bf16"]) == 2
     assert "another recipe (amp differ)" in capsys.readouterr().err
     assert main(argv) == 0  # auto accepts what the run resolved
+
+
+@pytest.mark.parametrize("seeds", [None, [0, 1]])
+def test_a_misspelt_model_is_refused_before_any_net_trains(tmp_path, cifar_tree, seeds):
+    from resnets.analysis.degradation_curves import degradation_seeds
+    from resnets.registry import UnknownModelError
+
+    small = dict(epochs=1, train_subset=32, test_subset=32, batch_size=32)
+    with pytest.raises(UnknownModelError, match="resnt56.*did you mean"):
+        if seeds is None:
+            degradation(["resnet20", "resnt56"], cifar_tree, overrides=small, out_dir=tmp_path)
+        else:
+            degradation_seeds(["resnet20", "resnt56"], cifar_tree, overrides=small, seeds=seeds, out_dir=tmp_path)
+    assert not list(tmp_path.rglob("metrics.csv"))  # resnet20 was not trained first

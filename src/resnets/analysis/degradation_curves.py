@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from ..registry import create_model
+from ..registry import create_model, get_entry
 from .common import PAPER_CIFAR, StudyError, colours_for, family_of, new_figure, train_run, write_outputs
 
 DEFAULT_MODELS = ("plain20", "plain56", "resnet20", "resnet56")
@@ -58,6 +58,8 @@ def degradation(
     {name: {"family", "train_err", "test_err", "final_train_loss", "final_train_err",
     "final_test_err", "run"}}, "verdict"}.
     """
+    for name in models:  # a misspelt last name must not fail after hours of training the others
+        get_entry(name)
     recipe = (FULL if full else QUICK) | dict(overrides or {})
     recipe.setdefault("lr", paper_lr(recipe["batch_size"]))
     runs = Path(out_dir) / "degradation_runs"
@@ -97,6 +99,8 @@ def degradation_seeds(
     """`degradation` once per seed, each a complete study in `<out_dir>/seed_<s>`, then combined:
     per model the mean curves and final errors with every seed's, the verdict on the means, and,
     per family, the gap of each seed and whether all seeds agree with the mean's verdict."""
+    for name in models:
+        get_entry(name)
     if not seeds:
         raise StudyError("give at least one seed")
     per_seed = [degradation(models, data_dir, full, overrides, s, Path(out_dir) / f"seed_{s}") for s in seeds]

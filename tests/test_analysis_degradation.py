@@ -108,5 +108,7 @@ def test_a_misspelt_model_is_refused_before_any_net_trains(tmp_path, cifar_tree,
         if seeds is None:
             degradation(["resnet20", "resnt56"], cifar_tree, overrides=small, out_dir=tmp_path)
         else:
-            degradation_seeds(["resnet20", "resnt56"], cifar_tree, overrides=small, seeds=seeds, out_dir=tmp_path)
+            degradation_seeds(
+                ["resnet20", "resnt56"], cifar_tree, overrides=small, seeds=seeds, out_dir=tmp_path
+            )
     assert not list(tmp_path.rglob("metrics.csv"))  # resnet20 was not trained first

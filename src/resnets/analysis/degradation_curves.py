@@ -152,7 +152,12 @@ def verdict(result: dict) -> dict:
     return out
 
 
+PANEL_TITLES = {"plain": "plain nets (no shortcuts)", "resnet": "residual nets (ResNet v1)"}
+
+
 def plot(result: dict):
+    from matplotlib.ticker import MaxNLocator
+
     names = sorted(result["models"], key=_depth)
     colours = colours_for(names, [result["models"][n]["family"] for n in names])
     families = list(dict.fromkeys(result["models"][n]["family"] for n in names))
@@ -179,7 +184,8 @@ def plot(result: dict):
                 ax.plot(
                     e["epochs"], [100 * v for v in e["test_err"]], "-", lw=2.2, label=f"{name} test", **style
                 )
-        ax.set_title(f"{family} nets", fontsize=10)
+        ax.set_title(PANEL_TITLES.get(family, f"{family} nets"), fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
         ax.set_xlabel("epoch (one pass over the training images)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

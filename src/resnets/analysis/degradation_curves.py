@@ -99,8 +99,6 @@ def degradation_seeds(
     """`degradation` once per seed, each a complete study in `<out_dir>/seed_<s>`, then combined:
     per model the mean curves and final errors with every seed's, the verdict on the means, and,
     per family, the gap of each seed and whether all seeds agree with the mean's verdict."""
-    for name in models:
-        get_entry(name)
     if not seeds:
         raise StudyError("give at least one seed")
     per_seed = [degradation(models, data_dir, full, overrides, s, Path(out_dir) / f"seed_{s}") for s in seeds]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from resnets.analysis import StudyError
-from resnets.analysis.degradation_curves import FULL, degradation, paper_lr, verdict
+from resnets.analysis.degradation_curves import FULL, degradation, paper_lr, plot, steps_per_epoch, verdict
 
 DATA = Path("data/cifar10-jpeg")
 
@@ -32,6 +32,20 @@ def test_verdict_compares_the_deepest_with_the_shallowest_of_each_family():
 def test_learning_rate_is_the_papers_per_image():
     assert paper_lr(128) == 0.1 and paper_lr(32) == pytest.approx(0.025)
     assert FULL["batch_size"] == 128 and FULL["milestones"] == (82, 123) and "lr" not in FULL
+
+
+def test_figure_counts_iterations_as_fig_6_does():
+    """Fig. 6's x axis is iterations: the figure gives them on top of the epochs, at the trainer's
+    steps per epoch (the last partial batch dropped: 50,000 // 128 = 390)."""
+    assert steps_per_epoch({"train_subset": 0, "batch_size": 128}) == 390
+    assert steps_per_epoch({"train_subset": 512, "batch_size": 32}) == 16
+    recipe = {"train_subset": 0, "batch_size": 128, "lr": 0.1, "schedule": "constant"}
+    e = {"family": "resnet", "epochs": [1, 2], "train_err": [0.5, 0.4], "test_err": [0.6, 0.5]}
+    fig = plot({"recipe": recipe, "models": {"resnet20": e}})
+    (top,) = fig.axes[0].child_axes
+    assert "iterations (thousands, batch 128)" in top.get_xlabel()
+    fig.canvas.draw()  # the top axis' limits are the epochs' limits in thousands of steps
+    assert top.get_xlim() == pytest.approx(tuple(0.39 * x for x in fig.axes[0].get_xlim()))
 
 
 @pytest.mark.skipif(not DATA.exists(), reason="CIFAR-10 image tree not extracted into data/cifar10-jpeg")

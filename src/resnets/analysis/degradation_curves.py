@@ -21,6 +21,7 @@ DEFAULT_MODELS = ("plain20", "plain56", "resnet20", "resnet56")
 # minutes (48 steps of 32 images per net), so it shows the first steps only; batch 32 gives the
 # small subset more steps than the paper's 128.
 PAPER_LR, PAPER_BATCH = 0.1, 128
+CIFAR_TRAIN_IMAGES = 50_000  # the study trains on CIFAR-10 only
 QUICK = PAPER_CIFAR | dict(
     epochs=3, train_subset=512, test_subset=500, batch_size=32, schedule="constant", warmup_epochs=0.0
 )
@@ -56,7 +57,7 @@ def degradation(
     fed to the lesion and gradcam studies. A run already there with the same recipe is resumed
     (an interrupted run finishes, a finished one is only read). Returns {"recipe", "models":
     {name: {"family", "train_err", "test_err", "final_train_loss", "final_train_err",
-    "final_test_err", "run"}}, "verdict"}.
+    "final_test_err", "run"}}, "steps_per_epoch", "verdict"}.
     """
     for name in models:  # a misspelt last name must not fail after hours of training the others
         get_entry(name)
@@ -66,6 +67,7 @@ def degradation(
     result: dict = {
         "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.items()},
         "seed": seed,
+        "steps_per_epoch": steps_per_epoch(recipe),
         "models": {},
     }
     for name in models:
@@ -102,7 +104,12 @@ def degradation_seeds(
     if not seeds:
         raise StudyError("give at least one seed")
     per_seed = [degradation(models, data_dir, full, overrides, s, Path(out_dir) / f"seed_{s}") for s in seeds]
-    result: dict = {"recipe": per_seed[0]["recipe"], "seeds": list(seeds), "models": {}}
+    result: dict = {
+        "recipe": per_seed[0]["recipe"],
+        "seeds": list(seeds),
+        "steps_per_epoch": per_seed[0]["steps_per_epoch"],
+        "models": {},
+    }
     for name in per_seed[0]["models"]:
         runs = [r["models"][name] for r in per_seed]
         n = min(len(e["epochs"]) for e in runs)
@@ -123,6 +130,11 @@ def degradation_seeds(
         v["all_seeds_agree"] = all((g > 0) == v["deeper_trains_worse"] for g in gaps)
     result["files"] = write_outputs(out_dir, "degradation", result, plot(result))
     return result
+
+
+def steps_per_epoch(recipe: dict) -> int:
+    """Optimizer steps in one epoch of the recipe (the trainer drops the last partial batch)."""
+    return (recipe.get("train_subset") or CIFAR_TRAIN_IMAGES) // recipe["batch_size"]
 
 
 def _depth(name: str) -> int:
@@ -159,6 +171,7 @@ def plot(result: dict):
     names = sorted(result["models"], key=_depth)
     colours = colours_for(names, [result["models"][n]["family"] for n in names])
     families = list(dict.fromkeys(result["models"][n]["family"] for n in names))
+    steps = steps_per_epoch(result["recipe"])
     fig, axes = new_figure(1, len(families), size=(6.0, 4.4), sharey=True)
     for ax, family in zip(axes[0], families):  # one panel per family, as the paper's Fig. 6
         for name in names:
@@ -185,6 +198,10 @@ def plot(result: dict):
         ax.set_title(PANEL_TITLES.get(family, f"{family} nets"), fontsize=10)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
         ax.set_xlabel("epoch (one pass over the training images)")
+        # Fig. 6 counts iterations: the same x axis in thousands of steps, on top
+        top = ax.secondary_xaxis("top", functions=(lambda e: e * steps / 1e3, lambda k: k * 1e3 / steps))
+        top.set_xlabel(f"iterations (thousands, batch {result['recipe']['batch_size']})", fontsize=8)
+        top.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("top-1 error (%)")

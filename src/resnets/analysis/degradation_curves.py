@@ -9,6 +9,7 @@ it is an optimisation problem, not overfitting) while the deeper residual net ha
 from __future__ import annotations
 
 import statistics
+import textwrap
 from pathlib import Path
 
 from ..registry import create_model, get_entry
@@ -209,11 +210,11 @@ def plot(result: dict):
     subset = f"{r['train_subset']} training images" if r.get("train_subset") else "all training images"
     seeds = result.get("seeds")
     over = f"; mean of seeds {', '.join(map(str, seeds))}, band = their range" if seeds else ""
-    fig.suptitle(
+    title = (
         f"CIFAR-10 training (dashed) and test (solid) error with one recipe: {subset}, batch {r['batch_size']}, "
-        f"lr {r['lr']}, {r['schedule']} schedule{over}",
-        fontsize=10,
+        f"lr {r['lr']}, {r['schedule']} schedule{over}"
     )
+    fig.suptitle(textwrap.fill(title, 80 * len(families)), fontsize=10)  # as wide as the panels
     fig.tight_layout()
     return fig
 

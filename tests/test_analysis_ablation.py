@@ -14,6 +14,7 @@ from resnets.analysis.ablation import (
     ablation,
     claims,
     compare,
+    recipe_for,
     spearman,
     summarise,
     verdict,
@@ -21,6 +22,20 @@ from resnets.analysis.ablation import (
 from resnets.checkpoint import load_model_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_full_schedule_warms_up_the_110_layer_nets_as_the_paper_does():
+    """He et al. 2015 start ResNet-110 gently (lr 0.01 for about 400 iterations); the full
+    schedule gives nets of 110 layers and more a 1-epoch warm-up and shallower nets none, while a
+    short run warms up over a tenth of itself and an explicit warm-up always wins."""
+    deep, shallow = recipe_for("resnet110", full=True), recipe_for("resnet20", full=True)
+    assert deep["warmup_epochs"] == 1.0 and shallow["warmup_epochs"] == 0.0
+    assert deep["epochs"] == 164 and deep["milestones"] == (82, 123) and deep["lr"] == 0.1
+    assert recipe_for("preact_resnet164", full=True)["warmup_epochs"] == 1.0
+    assert recipe_for("resnet110")["warmup_epochs"] == 1.0 and recipe_for(
+        "resnet110", overrides={"epochs": 5}
+    )["warmup_epochs"] == pytest.approx(0.5)
+    assert recipe_for("resnet110", full=True, overrides={"warmup_epochs": 0.0})["warmup_epochs"] == 0.0
 
 
 def test_units_claims_are_every_pair_of_table_2_in_the_papers_order():

@@ -32,8 +32,28 @@ RECIPE = PAPER_CIFAR | dict(
     epochs=10, batch_size=128, lr=0.1, schedule="cosine", label_smoothing=0.0, train_subset=0, test_subset=0
 )
 # The paper's schedule (He et al. 2016, Sec. 4.1 / He et al. 2015, Sec. 4.2): 64k iterations of 128,
-# lr / 10 at 32k and 48k.
-FULL = RECIPE | dict(epochs=164, schedule="step", milestones=(82, 123), warmup_epochs=0.0)
+# lr / 10 at 32k and 48k. He et al. 2015 start ResNet-110 at lr 0.01 for about 400 iterations
+# (Sec. 4.2): nets of 110 layers and more get a 1-epoch (390-iteration) linear warm-up instead,
+# shallower ones none (`recipe_for`).
+FULL = RECIPE | dict(epochs=164, schedule="step", milestones=(82, 123))
+DEEP_WARMUP_LAYERS = 110
+
+
+def _layers(model: str) -> int:
+    digits = "".join(c if c.isdigit() else " " for c in model).split()
+    return int(digits[0]) if digits else 0
+
+
+def recipe_for(model: str, full: bool = False, overrides: dict | None = None) -> dict:
+    """The training recipe of `model`'s runs: RECIPE, or FULL for the paper's schedule, with
+    `overrides`; a warm-up unless the overrides set one (a tenth of a short run, at most 1 epoch;
+    in the full schedule 1 epoch at 110 layers and more, as the paper's ResNet-110, else none)."""
+    recipe = (FULL if full else RECIPE) | dict(overrides or {})
+    if full:
+        recipe.setdefault("warmup_epochs", 1.0 if _layers(model) >= DEEP_WARMUP_LAYERS else 0.0)
+    recipe.setdefault("warmup_epochs", min(1.0, recipe["epochs"] / 10))
+    return recipe
+
 
 # study -> (TrainConfig field varied, {variant label: field value}, the paper's test error % per
 # variant or None, the paper's claim as (better, worse) pairs)
@@ -87,8 +107,7 @@ def ablation(
     if not seeds:
         raise StudyError("give at least one seed")
     model = model or DEFAULT_MODEL[study]
-    recipe = (FULL if full else RECIPE) | dict(overrides or {})
-    recipe.setdefault("warmup_epochs", min(1.0, recipe["epochs"] / 10))
+    recipe = recipe_for(model, full, overrides)
     runs = Path(out_dir) / "ablation_runs" / study
     result: dict = {
         "study": study,

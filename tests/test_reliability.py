@@ -277,3 +277,30 @@ def test_sigint_from_the_command_line_says_how_to_resume(tmp_path, straight_cli)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
     assert_same_weights(straight_cli / "last.ckpt", out / "last.ckpt")
+
+
+def test_sigterm_stops_a_study_with_its_checkpoint_and_the_same_command_resumes(tmp_path, cifar_tree):
+    """A study trains in process: SIGTERM (a time limit's `timeout`) stops its run after writing
+    last.ckpt, the command says so in one line and exits 143, and the same command continues it."""
+    out = tmp_path / "study"
+    cmd = [sys.executable, "-m", "resnets", "analyze", "degradation", "--model", "resnet20"]
+    cmd += ["--data-dir", str(cifar_tree), "--epochs", "200", "--train-subset", "0", "--test-subset", "0"]
+    cmd += ["--batch-size", "10", "--out", str(out)]
+    ckpt = out / "degradation_runs" / "resnet20" / "last.ckpt"
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for_new_checkpoint(proc, ckpt)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stopped by SIGTERM after step ") and last.endswith(
+        "holds it. Run the same command again to continue."
+    )
+    assert "Traceback" not in err and ckpt.exists()
+    step = int(last.split("after step ")[1].split()[0])
+    assert step >= 3  # at least the first epoch's 3 steps
+    again = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for_new_checkpoint(again, ckpt)
+    again.send_signal(signal.SIGTERM)
+    out2, err2 = again.communicate(timeout=120)
+    assert f"resuming after epoch {step // 3}" in out2 + err2, (out2 + err2)[-2000:]

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 
+from .errors import RunStopped
 from .registry import UnknownModelError, get_entry, list_models
 
 
@@ -610,6 +611,10 @@ def main(argv: list[str] | None = None) -> int:
         one_line = str(exc).strip().replace("\r", "\\r").replace("\n", "\\n")
         print(f"error: {one_line}", file=sys.stderr)
         return 2
+    except RunStopped as stop:  # a study's run, stopped by a signal after writing its checkpoint
+        where = str(stop).split(" Resume with:")[0]
+        print(f"{where} Run the same command again to continue.", file=sys.stderr)
+        return 128 + stop.signum
     except _Terminated:
         print("error: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM

@@ -612,8 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line}", file=sys.stderr)
         return 2
     except RunStopped as stop:  # a study's run, stopped by a signal after writing its checkpoint
-        where = str(stop).split(" Resume with:")[0]
-        print(f"{where} Run the same command again to continue.", file=sys.stderr)
+        print(f"{stop.where} Run the same command again to continue.", file=sys.stderr)
         return 128 + stop.signum
     except _Terminated:
         print("error: terminated", file=sys.stderr)

@@ -24,10 +24,11 @@ class TrainingError(ResnetsError):
 class RunStopped(KeyboardInterrupt):
     """A training run stopped on request (SIGINT or SIGTERM) after writing its checkpoint.
 
-    A `KeyboardInterrupt`, so code that catches `Exception` does not swallow it. `signum` is the
-    signal; `out` the run folder to pass to `--resume`.
+    A `KeyboardInterrupt`, so code that catches `Exception` does not swallow it. `where` says
+    where the run stopped and which file holds it; `signum` is the signal; `out` the run folder to
+    pass to `--resume`. Its message is `where` followed by the `resnets train --resume` command.
     """
 
-    def __init__(self, message: str, signum: int, out: str):
-        super().__init__(message)
-        self.signum, self.out = signum, out
+    def __init__(self, where: str, signum: int, out: str):
+        super().__init__(f"{where} Resume with: resnets train --out {out} --resume")
+        self.where, self.signum, self.out = where, signum, out

@@ -894,7 +894,7 @@ class _Run:
         )
         return RunStopped(
             f"stopped by {signal.Signals(signum).name} after step {state.step} ({where}); {out / 'last.ckpt'} "
-            f"holds it. Resume with: resnets train --out {out} --resume",
+            "holds it.",
             signum,
             str(out),
         )

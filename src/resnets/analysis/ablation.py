@@ -22,7 +22,7 @@ from itertools import combinations
 from pathlib import Path
 
 from ..models.preact_resnet import UNIT_ERRORS
-from .common import PAPER_CIFAR, StudyError, new_figure, train_run, write_outputs
+from .common import PAPER_CIFAR, StudyError, depth_in_name, new_figure, train_run, write_outputs
 
 # The training recipe of both studies: the paper's CIFAR optimiser and augmentation (PAPER_CIFAR,
 # lr 0.1 per batch of 128, no label smoothing), with a cosine schedule over the run instead of the 164-epoch step schedule, so
@@ -39,18 +39,13 @@ FULL = RECIPE | dict(epochs=164, schedule="step", milestones=(82, 123))
 DEEP_WARMUP_LAYERS = 110
 
 
-def _layers(model: str) -> int:
-    digits = "".join(c if c.isdigit() else " " for c in model).split()
-    return int(digits[0]) if digits else 0
-
-
 def recipe_for(model: str, full: bool = False, overrides: dict | None = None) -> dict:
     """The training recipe of `model`'s runs: RECIPE, or FULL for the paper's schedule, with
     `overrides`; a warm-up unless the overrides set one (a tenth of a short run, at most 1 epoch;
     in the full schedule 1 epoch at 110 layers and more, as the paper's ResNet-110, else none)."""
     recipe = (FULL if full else RECIPE) | dict(overrides or {})
     if full:
-        recipe.setdefault("warmup_epochs", 1.0 if _layers(model) >= DEEP_WARMUP_LAYERS else 0.0)
+        recipe.setdefault("warmup_epochs", 1.0 if depth_in_name(model) >= DEEP_WARMUP_LAYERS else 0.0)
     recipe.setdefault("warmup_epochs", min(1.0, recipe["epochs"] / 10))
     return recipe
 

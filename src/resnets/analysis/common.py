@@ -73,6 +73,13 @@ def colours_for(names: list[str], families: list[str]) -> dict[str, tuple[float,
     return out
 
 
+def depth_in_name(name: str) -> int:
+    """The first number in a model name, its depth by the papers' naming ("resnet110" -> 110,
+    "preact_resnet164" -> 164); 0 when the name has none."""
+    digits = "".join(c if c.isdigit() else " " for c in name).split()
+    return int(digits[0]) if digits else 0
+
+
 def cifar_depth_spec(family: str, depth: int) -> NetSpec:
     """The CIFAR net of `family` ("v1", "v2" or "iresnet") with `depth` = 6n+2 layers: (n, n, n) blocks."""
     if family not in CIFAR_FAMILIES:

@@ -13,7 +13,16 @@ import textwrap
 from pathlib import Path
 
 from ..registry import create_model, get_entry
-from .common import PAPER_CIFAR, StudyError, colours_for, family_of, new_figure, train_run, write_outputs
+from .common import (
+    PAPER_CIFAR,
+    StudyError,
+    colours_for,
+    depth_in_name,
+    family_of,
+    new_figure,
+    train_run,
+    write_outputs,
+)
 
 DEFAULT_MODELS = ("plain20", "plain56", "resnet20", "resnet56")
 
@@ -138,11 +147,6 @@ def steps_per_epoch(recipe: dict) -> int:
     return (recipe.get("train_subset") or CIFAR_TRAIN_IMAGES) // recipe["batch_size"]
 
 
-def _depth(name: str) -> int:
-    digits = "".join(c if c.isdigit() else " " for c in name).split()
-    return int(digits[0]) if digits else 0
-
-
 def verdict(result: dict) -> dict:
     """Per family, whether the deepest net ends with a higher training error than the shallowest."""
     out = {}
@@ -152,7 +156,7 @@ def verdict(result: dict) -> dict:
     for family, names in by_family.items():
         if len(names) < 2:
             continue
-        shallow, deep = min(names, key=_depth), max(names, key=_depth)
+        shallow, deep = min(names, key=depth_in_name), max(names, key=depth_in_name)
         a, b = result["models"][shallow], result["models"][deep]
         out[family] = {
             "shallow": shallow,
@@ -169,7 +173,7 @@ PANEL_TITLES = {"plain": "plain nets (no shortcuts)", "resnet": "residual nets (
 def plot(result: dict):
     from matplotlib.ticker import MaxNLocator
 
-    names = sorted(result["models"], key=_depth)
+    names = sorted(result["models"], key=depth_in_name)
     colours = colours_for(names, [result["models"][n]["family"] for n in names])
     families = list(dict.fromkeys(result["models"][n]["family"] for n in names))
     steps = steps_per_epoch(result["recipe"])

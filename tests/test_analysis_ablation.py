@@ -104,11 +104,16 @@ def test_tiny_units_ablation_trains_each_variant_and_seed_and_resumes(tmp_path, 
     saved = json.loads((tmp_path / "o" / "ablation_units.json").read_text())
     assert saved["paper"] == {"original": 6.61, "full_preact": 6.37}
     assert saved["verdict"]["of"] == 1 and (tmp_path / "o" / "ablation_units.png").stat().st_size > 0
-    # Again: the finished runs are read, not retrained; another recipe is refused, not mixed in.
+    # Again: the finished runs are read, not retrained or resumed (their last.ckpt is still there,
+    # and nothing in the run folder is rewritten); another recipe is refused, not mixed in.
+    run1 = Path(r["variants"]["original"]["runs"]["1"]["run"])
+    assert (run1 / "last.ckpt").exists()
+    stamps = {f.name: f.stat().st_mtime_ns for f in run1.iterdir()}
     again = ablation(
         "units", seeds=[0, 1], variants=["original", "full_preact"], out_dir=tmp_path / "o", **kw
     )
     assert again["variants"]["original"]["runs"]["1"] == r["variants"]["original"]["runs"]["1"]
+    assert {f.name: f.stat().st_mtime_ns for f in run1.iterdir()} == stamps
     with pytest.raises(StudyError, match="another recipe.*epochs"):
         ablation(
             "units",

@@ -246,20 +246,22 @@ def train_run(run: Path, recipe: dict, data_dir: str | Path, seed: int, **fields
 
 
 def finished_run(run: Path, cfg) -> tuple[dict, list[dict]] | None:
-    """(summary, metrics rows) of a run of this recipe that trained all its epochs and has no
-    checkpoint left (its small files only); None when `run` holds no such run."""
+    """(summary, metrics rows) of a run of this recipe that trained all its epochs (its small
+    files; a `last.ckpt` left beside them is not read); None when `run` holds no such run."""
     files = [run / n for n in ("config.toml", "metrics.csv", "summary.json")]
-    if (run / "last.ckpt").exists() or not all(f.exists() for f in files):
+    if not all(f.exists() for f in files):
         return None
     _check_recipe(run, cfg)
     summary = json.loads(files[2].read_text())
     rows = read_metrics(files[1])
-    if summary.get("epochs") != cfg.epochs or len(rows) != cfg.epochs:
-        raise StudyError(
-            f"{run} holds {len(rows)} of {cfg.epochs} epochs and no last.ckpt to resume from; "
-            "move it away to train it again"
-        )
-    return summary, rows
+    if summary.get("epochs") == cfg.epochs and len(rows) == cfg.epochs:
+        return summary, rows
+    if (run / "last.ckpt").exists():
+        return None  # stopped after a summary of fewer epochs was written: resume it
+    raise StudyError(
+        f"{run} holds {len(rows)} of {cfg.epochs} epochs and no last.ckpt to resume from; "
+        "move it away to train it again"
+    )
 
 
 def same_run(run: Path, cfg) -> bool:
